@@ -1,0 +1,87 @@
+"""Running a callable inside a :class:`contextvars.Context`, coroutines included.
+
+Everything in this package that "runs *fn* in a context" comes here, so that
+``run``, ``exit``, ``bind``, ``snapshot`` and ``AsyncResource`` agree on two
+rules:
+
+* A context is entered with :meth:`contextvars.Context.run`, never with a
+  ``token``/``reset`` pair: a reset that happens in another greenlet fails with
+  "Token was created in a different Context" (gevent#1930).
+* If *fn* returns a coroutine, its body has not run yet. We hand back an
+  awaitable that steps the coroutine inside the same context, so that
+  ``await als.run(store, handler)`` sees *store* across every ``await``, as in
+  Node.
+"""
+
+from __future__ import annotations
+
+from contextvars import Context
+from types import CoroutineType
+from typing import Any, Callable, Generator, TypeVar
+
+R = TypeVar("R")
+
+
+def check_callable(fn: object, where: str) -> None:
+    """Raise :class:`TypeError` naming *where* unless *fn* is callable."""
+    if not callable(fn):
+        raise TypeError(
+            f"{where} argument 'fn' must be callable, not {type(fn).__name__!r}; "
+            f"pass the function itself, e.g. {where}(handler) rather than "
+            f"{where}(handler())"
+        )
+
+
+def call_in(context: Context, fn: Callable[..., R], args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> R:
+    """Call ``fn(*args, **kwargs)`` inside *context* (which must not be entered)."""
+    result = context.run(fn, *args, **kwargs)
+    if type(result) is CoroutineType:
+        return ContextCoroutine(context, result)  # type: ignore[return-value]
+    return result
+
+
+class ContextCoroutine:
+    """An awaitable that runs each step of *coro* inside *context*.
+
+    The coroutine object was created inside *context*, but its body only runs
+    when it is awaited, in the awaiting task's context. This wrapper does what
+    :class:`asyncio.Task` does for a task's own context: every ``send`` and
+    ``throw`` enters *context* with :meth:`~contextvars.Context.run`.
+    """
+
+    __slots__ = ("_context", "_coro")
+
+    def __init__(self, context: Context, coro: CoroutineType[Any, Any, Any]) -> None:
+        self._context = context
+        self._coro = coro
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        run = self._context.run
+        coro = self._coro
+        send, throw = coro.send, coro.throw
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                if error is None:
+                    yielded = run(send, value)
+                else:
+                    yielded = run(throw, error)
+            except StopIteration as stop:
+                return stop.value
+            value, error = None, None
+            try:
+                value = yield yielded
+            except GeneratorExit:
+                run(coro.close)
+                raise
+            except BaseException as exc:  # cancellation and thrown errors go to the body
+                error = exc
+
+    def close(self) -> None:
+        """Close the wrapped coroutine (silences "never awaited" warnings)."""
+        self._context.run(self._coro.close)
+
+    def __repr__(self) -> str:
+        return f"<ContextCoroutine {self._coro!r}>"

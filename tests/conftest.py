@@ -1,0 +1,38 @@
+"""Shared fixtures.
+
+``monkey.patch_all()`` never runs in this process: patched scenarios run as
+subprocesses (see :func:`helpers.run_python`) and the tests assert on their
+output.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from asl_gevent import AsyncLocalStorage, install, is_installed, uninstall
+
+
+@pytest.fixture(autouse=True, name="hooks")
+def _hooks() -> Iterator[None]:
+    """Every test starts with the hooks installed; teardown removes them,
+    even after a failure, so one test's state never reaches the next."""
+    install()
+    try:
+        yield
+    finally:
+        uninstall()
+
+
+@pytest.fixture(name="no_hooks")
+def _no_hooks(hooks: None) -> Iterator[None]:
+    """Negative control: the hooks are removed for the test."""
+    uninstall()
+    assert not is_installed()
+    yield
+
+
+@pytest.fixture(name="als")
+def _als() -> AsyncLocalStorage[object]:
+    return AsyncLocalStorage(name="test")

@@ -1,0 +1,39 @@
+"""Helpers for tests: subprocesses, free ports, bounded waits."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(source: str, *, timeout: float = 120, args: tuple[str, ...] = (),
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run *source* in a fresh interpreter (for monkey.patch_all scenarios).
+
+    Returns the finished process; raises AssertionError with its output if it
+    exited non-zero. The child is killed if it outlives *timeout*.
+    """
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [full_env.get("PYTHONPATH")])])
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(source), *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, (
+        f"subprocess failed ({proc.returncode})\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def free_port() -> int:
+    """An ephemeral loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
