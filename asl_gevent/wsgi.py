@@ -1,0 +1,304 @@
+"""WSGI middleware: one fresh store per request, current until ``close()``.
+
+:class:`RequestContextMiddleware` runs every request in a fresh
+:class:`contextvars.Context` holding a fresh store, ``{"request_id": ...}``
+by default. The id comes from the ``X-Request-ID`` request header when that is
+well formed, and is generated (``uuid4().hex``) otherwise; the response echoes
+it. The store stays current while the app runs, while the server consumes the
+response iterable and while it calls the iterable's ``close()``, so code in a
+streaming generator, its ``finally`` blocks and everything they spawn see the
+request's store:
+
+>>> import gevent
+>>> from asl_gevent.wsgi import RequestContextMiddleware, get_request_id
+>>> def app(environ, start_response):
+...     start_response("200 OK", [("Content-Type", "text/plain")])
+...     yield gevent.spawn(get_request_id).get().encode()
+>>> wrapped = RequestContextMiddleware(app)
+>>> environ = {"HTTP_X_REQUEST_ID": "req-42"}
+>>> body = wrapped(environ, lambda status, headers, exc_info=None: print(headers))
+>>> b"".join(body)
+[('Content-Type', 'text/plain'), ('X-Request-ID', 'req-42')]
+b'req-42'
+>>> print(get_request_id())
+None
+
+Every step enters the request's context with :meth:`contextvars.Context.run`
+(never a ``token``/``reset`` pair, gevent#1930), so the middleware is correct
+under any server, hooks or not: on a keep-alive connection request 2 never
+sees what request 1 set, even with ``enter_with`` or after it raised.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from contextvars import Context, copy_context
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
+                    Optional, Tuple, TypeVar)
+
+from ._storage import AsyncLocalStorage
+
+__all__ = ["RequestContextMiddleware", "request_storage", "get_request_id"]
+
+_log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+#: The storage :class:`RequestContextMiddleware` uses unless given another, and
+#: the one :func:`get_request_id` and :class:`asl_gevent.logfilter.StoreFilter`
+#: read by default.
+request_storage: AsyncLocalStorage[Dict[str, Any]] = AsyncLocalStorage(name="request")
+
+# Ids come from clients and end up in logs and response headers: bound their
+# length and allow only characters that are harmless in both (no spaces, no
+# quotes, no control characters, no CR/LF that could split a header).
+_ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+Headers = List[Tuple[str, str]]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def get_request_id() -> Optional[str]:
+    """Return the current request's id, or ``None`` outside a request.
+
+    Reads :data:`request_storage`; a store made by a ``store_factory`` counts
+    if it is a mapping with a ``"request_id"`` key or has a ``request_id``
+    attribute.
+    """
+    return _id_of(request_storage.get_store())
+
+
+def is_valid_request_id(value: object) -> bool:
+    """Whether *value* is an id the middleware accepts and echoes.
+
+    1 to 128 characters from ``A-Z a-z 0-9 . _ : @ / + = -``.
+    """
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def _id_of(store: object) -> Optional[str]:
+    if store is None:
+        return None
+    if isinstance(store, Mapping):
+        value = store.get("request_id")
+    else:
+        value = getattr(store, "request_id", None)
+    return value if isinstance(value, str) else None
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    """Run each request in a fresh context with a fresh store.
+
+    :param app: the WSGI application to wrap.
+    :param storage: the :class:`~asl_gevent.AsyncLocalStorage` that holds the
+        store; :data:`request_storage` by default.
+    :param header: the request header that carries an incoming id, and the
+        response header that echoes it. ``X-Request-ID`` by default.
+    :param echo_header: add the id to the response headers (unless the app
+        already set that header).
+    :param store_factory: ``store_factory(environ) -> store`` makes the store
+        instead of the default ``{"request_id": id}``. The store is then
+        yours; if it is a mapping with a ``"request_id"`` (or an object with a
+        ``request_id`` attribute) that passes the id rules, it is echoed.
+
+    Incoming ids are used only if they are 1 to 128 characters from
+    ``A-Z a-z 0-9 . _ : @ / + = -``; anything else (too long, spaces, control
+    characters, CR/LF) is replaced by a generated ``uuid4().hex`` and never
+    echoed.
+
+    The store is shared by reference between the request and the greenlets it
+    spawns (as in Node); the context *binding* is per request, so nothing a
+    request sets is visible to the next one on the same connection.
+
+    A list or tuple response is returned as is (iterating it runs no app code,
+    and servers use ``len()`` on it). A ``wsgi.file_wrapper`` response is
+    returned as is too, so the server keeps its ``sendfile`` fast path; its
+    ``close`` is rebound to run in the request's context where the wrapper
+    allows it (gunicorn's and wsgiref's do). Anything else is wrapped in an
+    iterable that runs each ``next()`` and ``close()`` in the request's
+    context.
+
+    :raises TypeError: if *app* or *store_factory* is not callable, *storage*
+        is not an :class:`~asl_gevent.AsyncLocalStorage` or *header* not a str.
+    :raises ValueError: if *header* is not a valid header name.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        storage: Optional[AsyncLocalStorage[Any]] = None,
+        *,
+        header: str = "X-Request-ID",
+        echo_header: bool = True,
+        store_factory: Optional[Callable[[Dict[str, Any]], Any]] = None,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"RequestContextMiddleware() argument 'app' must be a WSGI "
+                f"callable, not {type(app).__name__!r}; pass the application "
+                f"itself, e.g. RequestContextMiddleware(app)"
+            )
+        if storage is None:
+            storage = request_storage
+        elif not isinstance(storage, AsyncLocalStorage):
+            raise TypeError(
+                f"RequestContextMiddleware() argument 'storage' must be an "
+                f"AsyncLocalStorage or None, not {type(storage).__name__!r}"
+            )
+        if not isinstance(header, str):
+            raise TypeError(
+                f"RequestContextMiddleware() argument 'header' must be a str, not "
+                f"{type(header).__name__!r}; e.g. header='X-Request-ID'"
+            )
+        if _HEADER_NAME_RE.fullmatch(header) is None:
+            raise ValueError(
+                f"RequestContextMiddleware() argument 'header' must be an HTTP "
+                f"header name (letters, digits, '-'), not {header!r}; "
+                f"e.g. header='X-Request-ID'"
+            )
+        if store_factory is not None and not callable(store_factory):
+            raise TypeError(
+                f"RequestContextMiddleware() argument 'store_factory' must be "
+                f"callable or None, not {type(store_factory).__name__!r}; "
+                f"e.g. store_factory=lambda environ: {{'request_id': ...}}"
+            )
+        self.app = app
+        self.storage = storage
+        self.header = header
+        self.echo_header = bool(echo_header)
+        self.store_factory = store_factory
+        self._environ_key = "HTTP_" + header.upper().replace("-", "_")
+        self._header_lower = header.lower()
+
+    def __repr__(self) -> str:
+        return (f"<RequestContextMiddleware app={self.app!r} "
+                f"storage={self.storage!r} header={self.header!r}>")
+
+    def request_id_from(self, environ: Mapping[str, Any]) -> str:
+        """The id for a request: the header's value if valid, else a new one."""
+        incoming = environ.get(self._environ_key)
+        if isinstance(incoming, str):
+            incoming = incoming.strip(" \t")
+            if _ID_RE.fullmatch(incoming) is not None:
+                return incoming
+        return _new_id()
+
+    def __call__(self, environ: Dict[str, Any],
+                 start_response: StartResponse) -> Iterable[bytes]:
+        # A fresh copy of whatever context the server runs us in: what the
+        # request sets lives and dies with this copy, whatever the server does
+        # between requests on one connection.
+        context = copy_context()
+        if self.store_factory is None:
+            request_id: Optional[str] = self.request_id_from(environ)
+            store: Any = {"request_id": request_id}
+        else:
+            store = context.run(self.store_factory, environ)
+            request_id = _id_of(store)
+            if request_id is not None and _ID_RE.fullmatch(request_id) is None:
+                request_id = None
+        context.run(self.storage.enter_with, store)
+
+        if self.echo_header and request_id is not None:
+            start_response = self._echoing(start_response, request_id)
+        result = context.run(self.app, environ, start_response)
+
+        if type(result) is list or type(result) is tuple:
+            return result
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
+            _rebind_close(result, context)
+            return result
+        return _ResponseInContext(result, context)
+
+    def _echoing(self, start_response: StartResponse, request_id: str) -> StartResponse:
+        name, lower = self.header, self._header_lower
+
+        def echoing_start_response(status: str, headers: Headers,
+                                   exc_info: Any = None) -> Any:
+            if not any(key.lower() == lower for key, _ in headers):
+                headers = [*headers, (name, request_id)]
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        return echoing_start_response
+
+
+def _rebind_close(result: Any, context: Context) -> None:
+    """Make a file wrapper's ``close`` run in the request's context, if it lets us."""
+    close = getattr(result, "close", None)
+    if close is None:
+        return
+    try:
+        result.close = lambda: _run_in(context, close)
+    except (AttributeError, TypeError):  # __slots__ or a read-only type: leave it
+        pass
+
+
+def _run_in(context: Context, fn: Callable[[], R]) -> R:
+    try:
+        return context.run(fn)
+    except RuntimeError as exc:
+        # "cannot enter context: ... is already entered": someone calls us from
+        # inside a step that is still running (a generator closing its own
+        # response, another greenlet closing it mid-iteration). A copy holds
+        # the same stores; the app's own RuntimeErrors are re-raised as is.
+        if "already entered" not in str(exc):
+            raise
+    _log.debug("request context busy; running %r in a copy of it", fn)
+    return context.copy().run(fn)
+
+
+class _ResponseInContext:
+    """The app's response iterable, stepped and closed in the request's context.
+
+    Each ``next()`` and the ``close()`` is its own :meth:`Context.run`; a
+    context cannot be entered twice at once, so nothing here nests.
+    """
+
+    __slots__ = ("_result", "_context", "_iterator", "_closed")
+
+    def __init__(self, result: Iterable[bytes], context: Context) -> None:
+        self._result = result
+        self._context = context
+        self._iterator: Optional[Iterator[bytes]] = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._iterator is None:
+            self._iterator = self._context.run(iter, self._result)
+        return self
+
+    def __next__(self) -> bytes:
+        iterator = self._iterator
+        if iterator is None:
+            iterator = self._iterator = self._context.run(iter, self._result)
+        return self._context.run(next, iterator)
+
+    def close(self) -> None:
+        """Close the app's response in the request's context (once).
+
+        Raises only what the app's own ``close()`` raises.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        close = getattr(self._result, "close", None)
+        if close is not None:
+            _run_in(self._context, close)
+
+    def __repr__(self) -> str:
+        return f"<response in request context {self._result!r}>"
