@@ -7,8 +7,8 @@ rules:
 * A context is entered with :meth:`contextvars.Context.run`, never with a
   ``token``/``reset`` pair: a reset that happens in another greenlet fails with
   "Token was created in a different Context" (gevent#1930).
-* If *fn* returns a coroutine, its body has not run yet. We hand back an
-  awaitable that steps the coroutine inside the same context, so that
+* If *fn* returns a coroutine, its body has not run yet. We hand back a
+  coroutine that steps the coroutine inside the same context, so that
   ``await als.run(store, handler)`` sees *store* across every ``await``, as in
   Node.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextvars import Context
 from types import CoroutineType
-from typing import Any, Callable, Generator, TypeVar
+from typing import Any, Callable, Coroutine, Generator, TypeVar
 
 R = TypeVar("R")
 
@@ -37,22 +37,27 @@ def call_in(context: Context, fn: Callable[..., R], args: tuple[Any, ...],
     """Call ``fn(*args, **kwargs)`` inside *context* (which must not be entered)."""
     result = context.run(fn, *args, **kwargs)
     if type(result) is CoroutineType:
-        return ContextCoroutine(context, result)  # type: ignore[return-value]
+        return in_context(context, result)  # type: ignore[arg-type,return-value]
     return result
 
 
-class ContextCoroutine:
-    """An awaitable that runs each step of *coro* inside *context*.
+async def in_context(context: Context, coro: Coroutine[Any, Any, R]) -> R:
+    """A coroutine that runs *coro*'s body, step by step, inside *context*.
 
-    The coroutine object was created inside *context*, but its body only runs
-    when it is awaited, in the awaiting task's context. This wrapper does what
-    :class:`asyncio.Task` does for a task's own context: every ``send`` and
-    ``throw`` enters *context* with :meth:`~contextvars.Context.run`.
+    *coro* was created inside *context*, but its body only runs when it is
+    awaited, in the awaiting task's context. This does for *context* what
+    :class:`asyncio.Task` does for a task's own: every ``send`` and ``throw``
+    enters it with :meth:`~contextvars.Context.run`. It is a real coroutine,
+    so ``asyncio.create_task(als.run(store, handler))`` works too.
     """
+    result: R = await _Steps(context, coro)
+    return result
 
+
+class _Steps:
     __slots__ = ("_context", "_coro")
 
-    def __init__(self, context: Context, coro: CoroutineType[Any, Any, Any]) -> None:
+    def __init__(self, context: Context, coro: Coroutine[Any, Any, Any]) -> None:
         self._context = context
         self._coro = coro
 
@@ -78,10 +83,3 @@ class ContextCoroutine:
                 raise
             except BaseException as exc:  # cancellation and thrown errors go to the body
                 error = exc
-
-    def close(self) -> None:
-        """Close the wrapped coroutine (silences "never awaited" warnings)."""
-        self._context.run(self._coro.close)
-
-    def __repr__(self) -> str:
-        return f"<ContextCoroutine {self._coro!r}>"

@@ -181,7 +181,7 @@ def _executor_submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs:
     or a thread on Python 3.14 with ``thread_inherit_context``) sits between
     tasks in an empty context instead of this request's.
     """
-    return Context().run(_orig_submit, self, copy_context().run, fn, *args, **kwargs)
+    return Context().run(_orig_submit, self, copy_context().run, fn, *args, **kwargs)  # type: ignore[arg-type]
 
 
 # -- gevent.threadpool.ThreadPool (real OS threads) --------------------------

@@ -30,7 +30,7 @@ from typing import Any, Callable, Generic, Optional, TypeVar
 
 from greenlet import getcurrent
 
-from ._context import ContextCoroutine, call_in, check_callable
+from ._context import call_in, check_callable, in_context
 from ._hooks import install_on_first_use
 
 T = TypeVar("T")
@@ -186,7 +186,7 @@ class AsyncLocalStorage(Generic[T]):
 
     def get_store(self) -> Optional[T]:  # replaced per instance by ContextVar.get
         """Return the current store, or :attr:`default` when there is none."""
-        return self._var.get()  # pragma: no cover - shadowed in __init__
+        return self._var.get()  # type: ignore[no-any-return]  # pragma: no cover
 
     # -- entering --------------------------------------------------------------
 
@@ -209,7 +209,7 @@ class AsyncLocalStorage(Generic[T]):
         context.run(self._var.set, store)
         result = context.run(fn, *args, **kwargs)
         if type(result) is CoroutineType:
-            return ContextCoroutine(context, result)  # type: ignore[return-value]
+            return in_context(context, result)  # type: ignore[arg-type,return-value]
         return result
 
     def exit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
@@ -257,7 +257,7 @@ class AsyncLocalStorage(Generic[T]):
 
     def getStore(self) -> Optional[T]:  # noqa: N802 - Node's name; shadowed in __init__
         """Alias of :meth:`get_store`."""
-        return self._var.get()  # pragma: no cover - shadowed in __init__
+        return self._var.get()  # type: ignore[no-any-return]  # pragma: no cover
 
     def enterWith(self, store: T) -> None:  # noqa: N802 - Node's name
         """Alias of :meth:`enter_with`."""

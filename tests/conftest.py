@@ -7,6 +7,7 @@ output.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Iterator
 
 import pytest
@@ -36,3 +37,16 @@ def _no_hooks(hooks: None) -> Iterator[None]:
 @pytest.fixture(name="als")
 def _als() -> AsyncLocalStorage[object]:
     return AsyncLocalStorage(name="test")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool:
+    """Run each test body in its own copy of the context.
+
+    A test that calls ``enter_with`` in the main greenlet (as Node's tests do
+    at top level) then cannot leave a store behind for the next test.
+    """
+    funcargs = pyfuncitem.funcargs
+    names = pyfuncitem._fixtureinfo.argnames
+    contextvars.copy_context().run(pyfuncitem.obj, **{n: funcargs[n] for n in names})
+    return True
