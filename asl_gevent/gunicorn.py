@@ -1,0 +1,112 @@
+"""gunicorn worker classes that run every request in its own context.
+
+gunicorn's gevent worker serves all the requests of a keep-alive connection
+in one greenlet, one after the other (``AsyncWorker.handle`` loops over
+them). A greenlet has one :class:`contextvars.Context`, so whatever request 1
+set -- ``als.enter_with(...)``, a ``ContextVar.set``, a structlog
+``bind_contextvars``, an OpenTelemetry span left attached -- would still be
+there for request 2 on the same connection. :class:`GeventWorker` runs each
+request in a fresh *copy* of the connection greenlet's context instead, so
+request 2 starts exactly where request 1 started, even if request 1 raised::
+
+    gunicorn -k asl_gevent.gunicorn.GeventWorker -w 4 myapp:app
+
+The worker also makes sure the propagation hooks are installed after
+gunicorn's ``monkey.patch_all()`` (the gevent plugin entry point does that
+too; the worker says it explicitly), so every greenlet, pool task and
+thread-pool task a view starts carries the request's stores.
+``pre_request`` and ``post_request`` server hooks run inside the request's
+context as well: what ``pre_request`` sets, the app sees, and the next
+request does not.
+
+:class:`GeventPyWSGIWorker` is the same for gunicorn's ``gevent_pywsgi``
+worker, whose keep-alive loop (``pywsgi.WSGIHandler.handle_one_request``)
+the hooks already isolate.
+
+Keeping the stock worker
+------------------------
+
+With ``-k gevent`` the hooks still install themselves when the worker runs
+``monkey.patch_all()``, but keep-alive requests share one context. Install the
+hooks explicitly in a config file and give every request a fresh context with
+:class:`asl_gevent.wsgi.RequestContextMiddleware`::
+
+    # gunicorn_conf.py -- gunicorn -k gevent -c gunicorn_conf.py myapp:app
+    import asl_gevent
+
+    worker_class = "gevent"
+
+    def post_worker_init(worker):
+        # After gunicorn's monkey.patch_all(): hooks on the patched modules.
+        asl_gevent.install()
+
+    # myapp.py
+    from asl_gevent.wsgi import RequestContextMiddleware
+    app = RequestContextMiddleware(flask_app)
+
+The middleware isolates what happens *inside* the app; with the stock worker
+gunicorn's own ``pre_request``/``post_request`` hooks still share the
+connection's context.
+
+This module imports gunicorn; :mod:`asl_gevent` itself never imports it, so
+gunicorn stays an optional dependency (``pip install asl_gevent[gunicorn]``).
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+from contextvars import copy_context
+from typing import Any
+
+from gunicorn.workers import ggevent
+
+from ._hooks import install
+
+__all__ = ["GeventWorker", "GeventPyWSGIWorker"]
+
+
+class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is untyped
+    """gunicorn's gevent worker, one context per request.
+
+    Use as ``gunicorn -k asl_gevent.gunicorn.GeventWorker``.
+
+    .. versionadded:: 0.1
+    """
+
+    def patch(self) -> None:
+        """Monkey-patch (gunicorn), then install the propagation hooks.
+
+        ``install()`` is idempotent: if the plugin entry point or an import
+        already installed them, this costs nothing.
+        """
+        super().patch()
+        install()
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        """Serve one HTTP/1 request in a copy of the connection's context.
+
+        ``Context.run`` rather than a token reset: the copy is simply dropped
+        afterwards, whatever the app set and however it ended (gevent#1930).
+        """
+        return copy_context().run(super().handle_request, listener_name, req, sock, addr)
+
+    def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any,
+                             h2_conn: Any) -> Any:
+        """Serve one HTTP/2 stream in a copy of the connection's context.
+
+        gunicorn (>= 24) serves the streams of an HTTP/2 connection one after
+        the other in the connection's greenlet, like keep-alive requests.
+        """
+        return copy_context().run(super().handle_http2_request,
+                                  listener_name, req, sock, addr, h2_conn)
+
+
+class GeventPyWSGIWorker(GeventWorker, ggevent.GeventPyWSGIWorker):  # type: ignore[misc]
+    """gunicorn's ``gevent_pywsgi`` worker with the hooks installed.
+
+    Requests are served by :mod:`gevent.pywsgi`, whose per-request method the
+    hooks already run in a copy of the connection's context.
+
+    .. versionadded:: 0.1
+    """
