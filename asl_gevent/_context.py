@@ -27,8 +27,7 @@ def check_callable(fn: object, where: str) -> None:
     if not callable(fn):
         raise TypeError(
             f"{where} argument 'fn' must be callable, not {type(fn).__name__!r}; "
-            f"pass the function itself, e.g. {where}(handler) rather than "
-            f"{where}(handler())"
+            "pass the function itself (handler), not its result (handler())"
         )
 
 

@@ -17,6 +17,8 @@ pools, groups, patched threads, subclasses)   callback)
 ``BaseServer`` handlers (StreamServer, WSGI)  :func:`_server_start`,
                                               :func:`_server_do_handle`
 ``pywsgi`` keep-alive requests                :func:`_wsgi_handle_one_request`
+``Greenlet.run`` (drops a finished            :func:`_greenlet_run`
+greenlet's context)
 ============================================  =================================
 
 The hub is not a request. Code the hub runs for itself (loop callbacks,
@@ -80,6 +82,31 @@ def _on_spawn(glet: greenlet) -> None:
             glet.gr_context = copy_context()
         else:
             glet.gr_context = Context()
+
+
+# -- Greenlet.run: a finished greenlet lets go of its context ----------------
+
+_orig_greenlet_run = vars(Greenlet)["run"]
+
+
+def _greenlet_run(self: Greenlet) -> None:
+    """``Greenlet.run`` that drops the greenlet's context when it finishes.
+
+    greenlet (checked on 3.5.6) keeps ``gr_context`` on a dead greenlet, so a
+    finished ``Greenlet`` that is still referenced (a list of jobs, a result
+    holder, a traceback) would keep every store of its request alive. gevent
+    drops a finished greenlet's ``args`` and ``kwargs`` for the same reason.
+    Cost: about 1% of ``spawn`` + ``join`` (measured with gevent 26.9.0).
+
+    Only when ``run`` is not overridden: then this is the greenlet's bottom
+    frame and no ``Context.run`` is active in it (replacing the context inside
+    one makes its exit fail with "cannot exit context").
+    """
+    try:
+        _orig_greenlet_run(self)
+    finally:
+        if type(self).run is _greenlet_run and self is getcurrent():
+            self.gr_context = None
 
 
 # -- gevent.spawn_raw: skips the spawn callbacks ------------------------------
@@ -286,6 +313,7 @@ def install() -> None:
         return
     _installed = _ever_installed = True
     Greenlet.add_spawn_callback(_on_spawn)
+    _patch(Greenlet, "run", _greenlet_run)
     _patch(gevent, "spawn_raw", _spawn_raw)
     _patch(gevent.hub, "spawn_raw", _spawn_raw)
     _patch(Greenlet, "rawlink", _rawlink)
