@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections import Counter
@@ -296,3 +297,29 @@ def test_stock_worker_alone_leaks_between_keep_alive_requests(tmp_path: Path) ->
         {"store": {"request_id": "leaked-a"}, "var": "leaked-a"},
         {"store": {"request_id": "leaked-b"}, "var": "leaked-b"},
     ]
+
+
+def test_pre_request_hook_runs_in_the_request_context(tmp_path: Path) -> None:
+    """With the worker class, gunicorn's pre_request hook runs inside the
+    request's own context: a store it enters is what the app (and what the
+    app spawns) sees, and the next keep-alive request gets only its own. The
+    config imports the storage at load time, so the hooks are installed in
+    the master before the worker's monkey.patch_all(); that works too."""
+    config = tmp_path / "pre_request_conf.py"
+    config.write_text(textwrap.dedent("""
+        from asl_gevent.wsgi import request_storage
+
+        def pre_request(worker, req):
+            request_id = dict(req.headers)["X-REQUEST-ID"]
+            request_storage.enter_with({"request_id": "pre-" + request_id})
+    """))
+    with gunicorn(tmp_path, worker=WORKER, app="tests.gunicorn_app:bare_app",
+                  workers=1, config=str(config)) as port:
+        peeks, statuses, first_leak = _keep_alive_sequence(port)
+
+    assert statuses == [200, 200, 200, 500, 200]
+    assert len({p["greenlet"] for p in peeks} | {first_leak["greenlet"]}) == 1
+    assert first_leak["here"] == {"store": {"request_id": "pre-leak-a"}, "var": None}
+    for n, seen in enumerate(peeks, 1):
+        expected = {"store": {"request_id": f"pre-peek-{n}"}, "var": None}
+        assert (n, seen["here"], seen["spawned"]) == (n, expected, expected)
