@@ -246,7 +246,7 @@ def _keep_alive_sequence(port: int) -> Tuple[List[Dict[str, Any]], List[int], Di
         statuses.append(status)
         first_leak = json.loads(body)
         peek(2)
-        status, headers, _ = conn.request("/leak?tag=b&raise=1", {"X-Request-ID": "leak-b"})
+        status, _, _ = conn.request("/leak?tag=b&raise=1", {"X-Request-ID": "leak-b"})
         statuses.append(status)
         peek(3)
     finally:
