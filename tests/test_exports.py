@@ -1,0 +1,61 @@
+"""The public surface: ``__all__`` matches what the package really exports,
+and SPEC's names (a contract: code outside this repo calls them) all exist."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+
+import asl_gevent
+from helpers import run_python
+
+
+def test_all_matches_public_names() -> None:
+    """Every public module attribute is in __all__ and every __all__ name exists."""
+    public = {name for name in vars(asl_gevent)
+              if not name.startswith("_")
+              and not inspect.ismodule(getattr(asl_gevent, name))}
+    assert set(asl_gevent.__all__) == public
+    for name in asl_gevent.__all__:
+        assert getattr(asl_gevent, name) is not None
+
+
+def test_spec_api_names() -> None:
+    """SPEC's Public API, including Node's camelCase aliases."""
+    from asl_gevent import AsyncLocalStorage, AsyncResource, install, is_installed, uninstall
+
+    als = AsyncLocalStorage(name="request", default=None)
+    for name in ("run", "get_store", "enter_with", "exit", "disable", "name", "default",
+                 "scope", "bind", "snapshot", "getStore", "enterWith"):
+        assert hasattr(als, name), name
+    assert callable(AsyncLocalStorage.bind) and callable(AsyncLocalStorage.snapshot)
+    res = AsyncResource("type")
+    for name in ("run_in_async_scope", "runInAsyncScope", "bind"):
+        assert hasattr(res, name), name
+    assert all(callable(f) for f in (install, uninstall, is_installed))
+
+
+def test_integrations_are_not_imported_by_the_package() -> None:
+    """gunicorn stays optional: importing asl_gevent imports no integration."""
+    proc = run_python("""
+        import sys, asl_gevent
+        print(sorted(m for m in sys.modules
+                     if m.startswith(('asl_gevent.wsgi', 'asl_gevent.gunicorn',
+                                      'asl_gevent.logfilter', 'asl_gevent.bench', 'gunicorn'))))
+    """)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_integration_modules_import() -> None:
+    """The public integration modules exist under SPEC's names."""
+    for name in ("asl_gevent.wsgi", "asl_gevent.logfilter", "asl_gevent.gunicorn"):
+        importlib.import_module(name)
+    assert hasattr(sys.modules["asl_gevent.gunicorn"], "GeventWorker")
+
+
+def test_py_typed_is_shipped() -> None:
+    """py.typed ships with the package (PEP 561)."""
+    from pathlib import Path
+
+    assert (Path(asl_gevent.__file__).parent / "py.typed").exists()
