@@ -15,6 +15,7 @@ import logging
 import re
 import sys
 import time
+import uuid
 import wsgiref.util
 from contextvars import ContextVar
 from types import SimpleNamespace
@@ -518,6 +519,7 @@ def test_malformed_ids_over_the_wire_are_replaced_and_never_echoed(raw: str) -> 
     assert response.status == 200
     assert response.all("X-Request-ID") == [response.body.decode()]
     assert GENERATED.fullmatch(response.body.decode())
+    assert uuid.UUID(response.body.decode()).version == 4
     assert raw.encode("latin-1") not in b"".join(
         f"{k}: {v}".encode("latin-1") for k, v in response.headers)
 
