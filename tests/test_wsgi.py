@@ -31,7 +31,8 @@ from gevent.pywsgi import WSGIServer
 
 from asl_gevent import AsyncLocalStorage
 from asl_gevent.logfilter import StoreFilter
-from asl_gevent.wsgi import RequestContextMiddleware, get_request_id, request_storage
+from asl_gevent.wsgi import (RequestContextMiddleware, get_request_id, request_id_from,
+                             request_storage)
 
 # Created at import, as applications do: its worker threads are started by
 # whichever request submits first and then serve every later request.
@@ -630,6 +631,23 @@ def test_store_factory_makes_each_requests_store() -> None:
         rid = {"/dict": f"dict-u{n}", "/object": f"obj-u{n}", "/bad": "bad id\r\nX: y"}[path]
         assert response.json() == [True, f"u{n}", rid]
         assert response.all("X-Request-ID") == ([] if path == "/bad" else [rid])
+
+
+def test_request_id_from_applies_the_default_rules_in_a_store_factory() -> None:
+    """request_id_from(environ) gives a store_factory the middleware's own id
+    rules: a well-formed header value, else a generated id."""
+    headers: List[List[Tuple[str, str]]] = []
+    middleware = RequestContextMiddleware(
+        lambda e, s: (s("200 OK", []), [json.dumps(request_storage.get_store()).encode()])[1],
+        store_factory=lambda environ: {"request_id": request_id_from(environ), "user": "u"})
+    for raw in ("good-1", "bad id"):
+        body = middleware({"HTTP_X_REQUEST_ID": raw}, lambda st, h, e=None: headers.append(h))
+        store = json.loads(b"".join(body))
+        assert store["user"] == "u"
+        assert headers[-1] == [("X-Request-ID", store["request_id"])]
+    assert [h[0][1] for h in headers][0] == "good-1"
+    assert GENERATED.fullmatch(headers[1][0][1])
+    assert request_id_from({"HTTP_X_TRACE": " t-1\t"}, header="X-Trace") == "t-1"
 
 
 def test_get_request_id_outside_a_request_is_none() -> None:
