@@ -396,6 +396,32 @@ def test_close_propagates_only_the_apps_own_error() -> None:
         body.close()  # type: ignore[attr-defined]
 
 
+def test_stacked_middlewares_keep_both_stores_while_streaming() -> None:
+    """Two middlewares with different storages, one inside the other: each
+    step of the inner app's generator (and its close) sees both stores; the
+    contexts are distinct, so stepping one inside the other never nests a
+    context in itself."""
+    mine: AsyncLocalStorage[Dict[str, Any]] = AsyncLocalStorage(name="stacked")
+    seen: List[Tuple[Any, Any]] = []
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        try:
+            for _ in range(2):
+                seen.append(gevent.spawn(lambda: (get_request_id(), mine.get_store())).get())
+                yield b"x"
+        finally:
+            seen.append((get_request_id(), mine.get_store()))
+
+    stacked = RequestContextMiddleware(
+        RequestContextMiddleware(app, mine, header="X-Inner-ID", echo_header=False))
+    body = stacked({"HTTP_X_REQUEST_ID": "outer", "HTTP_X_INNER_ID": "inner"}, lambda *a: None)
+    assert list(body) == [b"x", b"x"]
+    body.close()  # type: ignore[attr-defined]
+    assert seen == [("outer", {"request_id": "inner"})] * 3
+    assert (get_request_id(), mine.get_store()) == (None, None)
+
+
 def test_list_response_is_returned_as_is() -> None:
     """A list body runs no app code while iterated: it is returned unchanged,
     so servers keep using len() on it."""
