@@ -223,7 +223,11 @@ class RequestContextMiddleware:
             store: Any = {"request_id": request_id}
         else:
             store = context.run(self.store_factory, environ)
-            request_id = _id_of(store)
+            try:
+                request_id = _id_of(store)
+            except Exception:  # the user's store object; echoing is optional
+                _log.exception("cannot read request_id of %r; not echoing it", store)
+                request_id = None
             if request_id is not None and _ID_RE.fullmatch(request_id) is None:
                 request_id = None
         context.run(self.storage.enter_with, store)
