@@ -58,7 +58,9 @@ class AsyncResource:
         unknown = set(options) - {"trigger_async_id", "require_manual_destroy"}
         if unknown:
             raise TypeError(
-                f"AsyncResource() got unexpected keyword argument(s) {sorted(unknown)}"
+                f"AsyncResource() got unexpected keyword argument(s) {sorted(unknown)}; "
+                "it takes the type and Node's options trigger_async_id and "
+                "require_manual_destroy (accepted for porting, ignored)"
             )
         self.type = type
         self._context = copy_context()
