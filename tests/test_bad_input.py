@@ -100,7 +100,7 @@ CASES: dict[str, Case] = {
         plain(lambda als: AsyncLocalStorage(None)),  # type: ignore[arg-type]
         TypeError, r"^AsyncLocalStorage\(\) argument 'name' must be a str, not 'NoneType'"),
     "AsyncLocalStorage('a', 'b')": Case(
-        plain(lambda als: AsyncLocalStorage("a", "b")),  # type: ignore[misc]
+        plain(lambda als: AsyncLocalStorage("a", "b")),  # type: ignore[call-arg]
         TypeError, r"^AsyncLocalStorage\.__init__\(\) takes from 1 to 2 positional "
                    r"arguments but 3 were given$"),
     "AsyncLocalStorage(defaultValue=1)": Case(
@@ -109,10 +109,10 @@ CASES: dict[str, Case] = {
                    r"'defaultValue'$"),
     # -- run / exit / enter_with / scope / disable --------------------------------------
     "als.run(store, 42)": Case(
-        plain(lambda als: als.run("s", 42)), TypeError,
+        plain(lambda als: als.run("s", 42)), TypeError,  # type: ignore[arg-type]
         _not_callable("AsyncLocalStorage.run()", "int")),
     "als.run(store, handler())": Case(
-        plain(lambda als: als.run("s", None)), TypeError,
+        plain(lambda als: als.run("s", None)), TypeError,  # type: ignore[arg-type]
         _not_callable("AsyncLocalStorage.run()", "NoneType")),
     "als.run()": Case(
         plain(lambda als: als.run()), TypeError,  # type: ignore[call-arg]

@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 import gevent
 import gevent.event
-import gevent.pool
 import pytest
 
 from asl_gevent import AsyncLocalStorage

@@ -514,11 +514,12 @@ def test_failing_pool_tasks_do_not_poison_reused_workers(
         raise Boom("poison")
 
     try:
-        for submit, wait in [
+        paths: list[tuple[Callable[..., Any], Callable[[Any], Any]]] = [
             (executor.submit, lambda f: f.result(5)),
             (threadpool.spawn, lambda r: r.get(timeout=5)),
             (pool.spawn, lambda g: g.get(timeout=5)),
-        ]:
+        ]
+        for submit, wait in paths:
             for i in range(5):
                 with pytest.raises(Boom):
                     A.run(f"bad-{i}", lambda: wait(submit(failing)))

@@ -81,7 +81,11 @@ def test_10k_greenlets_in_100_simultaneous_requests() -> None:
                       (expected[0], f"r{r}-c{c}-nested", expected[2]))
                 grandchild = gevent.spawn(check, (r, c, "grandchild"), expected)
                 linked = gevent.event.Event()
-                grandchild.link(lambda _: (check((r, c, "link"), expected), linked.set()))
+                def on_done(_: Any, r: int = r, c: int = c, expected: Any = expected) -> None:
+                    check((r, c, "link"), expected)
+                    linked.set()
+
+                grandchild.link(on_done)
                 grandchild.join()
                 if not linked.wait(5):
                     mismatches.append(((r, c, "link"), "callback never ran", expected))

@@ -307,12 +307,12 @@ def test_subclass_wrapping_run_keeps_store_until_dropped(
     hooks leave its context alone: its store goes with the greenlet object.
     A subclass that overrides ``_run`` (gevent's documented way) is cleared."""
 
-    class WrapsRun(Greenlet):
+    class WrapsRun(Greenlet):  # type: ignore[misc]  # gevent is untyped
         def run(self) -> None:
             super().run()
 
-    class OwnUnderscoreRun(Greenlet):
-        def _run(self) -> bool:  # type: ignore[override]
+    class OwnUnderscoreRun(Greenlet):  # type: ignore[misc]
+        def _run(self) -> bool:
             return storage.get_store() is not None
 
     store = Store("wraps-run")
@@ -384,7 +384,7 @@ def _captured(kind: str, storage: AsyncLocalStorage[Store]) -> Callable[[], Any]
         resource = AsyncResource("Mem")
         return lambda: resource.run_in_async_scope(storage.get_store)
     if kind == "AsyncResource.bind":
-        return AsyncResource("Mem").bind(storage.get_store)
+        return AsyncResource("Mem").bind(storage.get_store)  # type: ignore[no-any-return]
     if kind == "AsyncResource.bind-static":
         return AsyncResource.bind(storage.get_store)  # type: ignore[no-any-return]
     raise AssertionError(kind)
