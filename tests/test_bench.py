@@ -1,0 +1,126 @@
+"""``python -m asl_gevent.bench``: the table has every figure, and runs.
+
+The benchmark is a report, so nothing here looks at a time or a ratio's
+value: a slow or noisy machine must not fail the suite. What must hold is the
+table's shape -- every figure present, its ratios numbers, its target and mark
+printed -- and the command line (``--quick``, ``--only``, ``--list``,
+``--repeat``). The full ``--quick`` run starts real gunicorn and pywsgi
+servers and a load client, so it runs once per session.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from typing import Dict, List
+
+import pytest
+
+from asl_gevent.bench import NAMES
+from helpers import ROOT
+
+MARKS = {"PASS", "pass*", "MISS", "-"}
+TARGET_RE = re.compile(r"^(<=|>=|==) \d+\.\d\d$")
+
+
+def bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m asl_gevent.bench ARGS``; the child is killed on timeout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run([sys.executable, "-m", "asl_gevent.bench", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=str(ROOT))
+
+
+def table_rows(stdout: str) -> Dict[str, List[str]]:
+    """The table's data rows, by figure name, as lists of stripped cells."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert len(lines) >= 2, stdout
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == ["figure", "subject vs baseline", "baseline", "subject", "min",
+                      "median", "target", "mark"], stdout
+    assert set(lines[1]) <= {"|", "-"}, stdout
+    rows: Dict[str, List[str]] = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert len(cells) == len(header), line
+        assert cells[0] not in rows, f"figure {cells[0]} printed twice"
+        rows[cells[0]] = cells
+    return rows
+
+
+@pytest.fixture(scope="module", name="quick")
+def _quick() -> subprocess.CompletedProcess[str]:
+    return bench("--quick")
+
+
+@pytest.mark.slow
+def test_quick_run_prints_every_figure_with_numeric_ratios(
+        quick: subprocess.CompletedProcess[str]) -> None:
+    """--quick exits 0 and prints one row per figure, in order: two ratios
+    that parse as finite numbers, the SPEC target (or '-') and a mark."""
+    assert quick.returncode == 0, quick.stdout + quick.stderr
+    rows = table_rows(quick.stdout)
+    assert list(rows) == NAMES
+    for name, (_, what, base, subj, ratio_min, ratio_median, target, mark) in rows.items():
+        assert what and base and subj, name
+        assert math.isfinite(float(ratio_min)), (name, ratio_min)
+        assert math.isfinite(float(ratio_median)), (name, ratio_median)
+        assert target == "-" or TARGET_RE.match(target), (name, target)
+        assert mark in MARKS, (name, mark)
+        assert (target == "-") == (mark == "-"), name
+
+
+@pytest.mark.slow
+def test_quick_run_reports_machine_and_every_miss(
+        quick: subprocess.CompletedProcess[str]) -> None:
+    """The report names the machine and versions, and lists every figure
+    marked MISS under the table; nothing failed to measure."""
+    out = quick.stdout
+    assert re.search(r"^date: \d{4}-\d\d-\d\d", out, re.M), out
+    assert re.search(r"^machine: \d+ CPUs", out, re.M), out
+    assert re.search(r"^python 3\.\d+.*gevent \d.*greenlet \d.*gunicorn", out, re.M), out
+    assert "FAILED TO MEASURE" not in out
+    missed = {name for name, cells in table_rows(out).items() if cells[-1] == "MISS"}
+    listed = set(re.findall(r"^MISSED TARGET: (\S+):", out, re.M))
+    assert listed == missed
+    if not missed and "noisy:" not in out:
+        assert "all targets met" in out
+
+
+def test_only_runs_just_the_named_figure() -> None:
+    """--only NAME prints that figure alone; the exit status is 0."""
+    proc = bench("--quick", "--only", "run/token_wrapper")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list(table_rows(proc.stdout)) == ["run/token_wrapper"]
+
+
+def test_only_takes_a_group_and_repeat() -> None:
+    """--only GROUP selects every GROUP/... figure; --repeat sets the pairs."""
+    proc = bench("--quick", "--only", "get_store", "--repeat", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list(table_rows(proc.stdout)) == [n for n in NAMES if n.startswith("get_store/")]
+    assert "2 pairs per microbenchmark" in proc.stdout
+
+
+def test_list_prints_every_figure_name() -> None:
+    """--list prints the names --only accepts, one a line."""
+    proc = bench("--list")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == NAMES
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--only", "nosuch"), r"--only 'nosuch' names no figure; choose from: get_store/contextvar"),
+    (("--repeat", "0"), r"--repeat must be at least 1"),
+])
+def test_bad_options_exit_2_with_a_clear_message(args: tuple[str, ...], message: str) -> None:
+    """A figure name that does not exist, or --repeat 0, is refused by the
+    command line (exit 2) with a message saying what to pass, before any run."""
+    proc = bench(*args)
+    assert proc.returncode == 2
+    assert re.search(message, proc.stderr), proc.stderr
+    assert "|" not in proc.stdout
