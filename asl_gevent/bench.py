@@ -23,11 +23,24 @@ measured at all (a server that would not start, say). Options:
 ``--repeat N``
     pairs per microbenchmark and load rounds per server (the memory figure
     is a single run).
+``--greenlets N``
+    greenlets for the memory figure (1,000,000; ``--quick``: 20,000).
+``--list``
+    print the figure names.
 
 The WSGI figures start real servers (gunicorn's gevent worker and
-:mod:`gevent.pywsgi`) on 127.0.0.1 and load them from a separate process with
-a small keep-alive HTTP client written on gevent; each load round is bounded
-in time and in requests, and every process is stopped by its pid.
+:mod:`gevent.pywsgi`, one process each) on 127.0.0.1 and load them from a
+separate process with a small keep-alive HTTP client written on gevent; each
+load round is bounded in time and in requests, and every process is stopped
+by its pid. Each server pair gives two rows: requests per second, and
+requests per CPU-second of the server's own processes, which is what the
+server would do with a core to itself and is far less swayed by whatever
+else runs on the machine.
+
+The memory figure runs in a fresh process: greenlets spawned in batches, each
+inside ``als.run(store, ...)``; it reports resident memory (``VmRSS``) and
+Python heap blocks (:func:`sys.getallocatedblocks`) before and after, and how
+many stores are still alive after :func:`gc.collect` (by weak reference).
 
 .. versionadded:: 0.1
 """
@@ -36,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import gc
 import itertools
@@ -99,7 +113,7 @@ class Row:
 
     name: str
     what: str
-    unit: str  # "s" (time per operation), "req/s", "req/CPU-s", "MiB" or "stores"
+    unit: str  # "s" (time per operation), "req/s", "req/CPU-s", "MiB", "blocks", "stores"
     base: List[float]
     subj: List[float]
     target: Optional[Target]
@@ -196,7 +210,11 @@ class Variant:
 
 
 def _calibrate(variant: Variant, sample_s: float, ops_per_call: int) -> int:
-    """The ``n`` that makes one sample of *variant* last about *sample_s*."""
+    """The ``n`` that makes one sample of *variant* last about *sample_s*.
+
+    ``variant.sample(n)`` runs ``n`` loop iterations of *ops_per_call*
+    operations each and returns the time of one operation.
+    """
     variant.prepare()
     n = 1
     while True:
@@ -333,6 +351,7 @@ def _spawn_rows(opts: Options, wanted: Callable[[str], bool]) -> Iterator[Row]:
             # A batch of tasks, then their results: one submit + result round
             # trip per task would time mostly how soon the OS wakes a thread
             # (+-10% on a shared machine), not what the hook adds to each task.
+            # Longer samples, too: thread hand-offs make short ones noisy.
             with ThreadPoolExecutor(max_workers=1) as executor:
                 batch = _in(context, _compile(
                     ["for _f in [executor.submit(f) for _ in range100]: _f.result()"],
@@ -344,7 +363,8 @@ def _spawn_rows(opts: Options, wanted: Callable[[str], bool]) -> Iterator[Row]:
                           "ThreadPoolExecutor: 100 x submit(f), then each result(): "
                           "hooks vs no hooks (per task)", "s",
                           *_paired(Variant(sampler, _hooks_off), Variant(sampler, _hooks_on),
-                                   opts, ops_per_call=1),
+                                   dataclasses.replace(opts, sample_s=opts.sample_s * 5),
+                                   ops_per_call=100),
                           target)
 
         if wanted("spawn/contextvars_100"):
