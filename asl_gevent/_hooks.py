@@ -37,7 +37,8 @@ import concurrent.futures.thread
 import ctypes
 import gc
 from contextvars import Context, ContextVar, copy_context
-from typing import Any, Callable, List, Tuple
+from types import MethodType
+from typing import Any, Callable, Dict, List, Tuple
 
 import gevent
 import gevent.baseserver
@@ -158,22 +159,31 @@ class _LinkInContext:
 
 
 _orig_rawlink = Greenlet.rawlink
+_CFunction = type(getcurrent().switch)  # builtin_function_or_method
+
+
+#: Whether a class is gevent's own (``Group``, ``Waiter``, ``IMap``...), by class.
+_gevent_classes: Dict[type, bool] = {}
 
 
 def _is_bookkeeping(callback: Any) -> bool:
     """True for gevent's own link callbacks, which read no context.
 
-    ``join()``/``get()`` link the waiting greenlet's ``switch`` (which resumes
-    that greenlet in *its* context), ``Pool``/``Group`` link ``_discard``,
-    ``wait``/``iwait``/``imap`` link a waiter. Wrapping them would only cost
-    time on every join (measured: about 2% of ``spawn`` + ``join``).
+    ``join()``/``get()`` link the waiting greenlet's C-level ``switch`` (which
+    resumes that greenlet in *its* context); ``Pool``/``Group`` link their
+    ``_discard``, ``wait``/``iwait``/``imap`` a waiter's method. Wrapping them
+    would only cost time on every join and every pool spawn. A method of a
+    user's ``Greenlet`` subclass is not bookkeeping: it is wrapped.
     """
-    owner = getattr(callback, "__self__", None)
-    if owner is None:
+    if type(callback) is _CFunction:
+        return True  # C code runs nothing that could read a store
+    if type(callback) is not MethodType:
         return False
-    if isinstance(owner, greenlet):
-        return getattr(callback, "__name__", None) in ("switch", "throw")
-    return type(owner).__module__.startswith("gevent.")
+    cls = type(callback.__self__)
+    owned = _gevent_classes.get(cls)
+    if owned is None:
+        owned = _gevent_classes[cls] = cls.__module__.startswith("gevent.")
+    return owned
 
 
 def _rawlink(self: Greenlet, callback: Any) -> None:
@@ -184,11 +194,12 @@ def _rawlink(self: Greenlet, callback: Any) -> None:
     a new raw greenlet, which would start empty, so we wrap its (public,
     writable) ``callback`` rather than the link itself.
     """
-    # Every join()/get() comes here with the waiter's ``switch``, so that test
-    # goes first: it alone decides gevent's own links (a SpawnedLink or a
-    # _LinkInContext is never bookkeeping). Measured with gevent 26.9.0: about
-    # 1% of spawn + join, against testing it last.
-    if (not _is_bookkeeping(callback) and callable(callback)
+    # Every join()/get() comes here with a greenlet's C-level ``switch``: a
+    # C callable runs no Python code that could read a store, so it is passed
+    # straight through before anything else is looked at (spawn + join is the
+    # hottest path this hook sits on; SPEC allows it 5%).
+    if (type(callback) is not _CFunction and not _is_bookkeeping(callback)
+            and callable(callback)
             and (not isinstance(getcurrent(), _Hub) or _carried.get())):
         if isinstance(callback, SpawnedLink):
             inner = callback.callback
