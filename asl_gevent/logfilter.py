@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import pkgutil
-from typing import Any, Callable, Iterable, Mapping, MutableMapping, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Mapping, MutableMapping, Tuple, Union
 
 from ._storage import AsyncLocalStorage
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Iterator
+
+import gevent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +43,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class ListHandler(logging.Handler):
+    """A logging handler that keeps every record it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def hub_exception_stream() -> Iterator[io.StringIO]:
+    """Collect what the hub would print about failing greenlets/callbacks."""
+    hub = gevent.get_hub()
+    stream = io.StringIO()
+    hub.exception_stream = stream
+    try:
+        yield stream
+    finally:
+        del hub.exception_stream

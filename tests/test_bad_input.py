@@ -21,6 +21,7 @@ import gevent.event
 import pytest
 
 from asl_gevent import AsyncLocalStorage, AsyncResource, install, is_installed, uninstall
+from helpers import hub_exception_stream
 
 OTHER: AsyncLocalStorage[str] = AsyncLocalStorage(name="bad-input-other")
 VAR: ContextVar[str] = ContextVar("bad_input_var", default="var-unset")
@@ -247,13 +248,8 @@ def _bad() -> Iterator[ALS]:
 @pytest.fixture(name="hub_stream")
 def _hub_stream() -> Iterator[io.StringIO]:
     """What the hub would print about a failing greenlet."""
-    hub = gevent.get_hub()
-    stream = io.StringIO()
-    hub.exception_stream = stream
-    try:
+    with hub_exception_stream() as stream:
         yield stream
-    finally:
-        del hub.exception_stream
 
 
 @pytest.mark.parametrize("name", list(CASES))

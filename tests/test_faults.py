@@ -25,6 +25,7 @@ import pytest
 from gevent import Greenlet, GreenletExit
 
 from asl_gevent import AsyncLocalStorage, AsyncResource, install, is_installed, uninstall
+from helpers import hub_exception_stream
 
 A: AsyncLocalStorage[str] = AsyncLocalStorage(name="faults-a")
 B: AsyncLocalStorage[str] = AsyncLocalStorage(name="faults-b")
@@ -59,13 +60,8 @@ class Boom(Exception):
 @pytest.fixture(name="hub_errors")
 def _hub_errors(capfd: pytest.CaptureFixture[str]) -> Iterator[io.StringIO]:
     """Capture what the hub prints; after the test, no context error anywhere."""
-    hub = gevent.get_hub()
-    stream = io.StringIO()
-    hub.exception_stream = stream
-    try:
+    with hub_exception_stream() as stream:
         yield stream
-    finally:
-        del hub.exception_stream
     printed = stream.getvalue() + "".join(capfd.readouterr())
     for error in CONTEXT_ERRORS:
         assert error not in printed, printed

@@ -17,19 +17,10 @@ from structlog.testing import CapturingLogger
 from asl_gevent import AsyncLocalStorage
 from asl_gevent.logfilter import StoreFilter, store_processor
 from asl_gevent.wsgi import RequestContextMiddleware, get_request_id
-from helpers import run_python
+from helpers import ListHandler, run_python
 
 #: Named by dotted path in the tests below, as a logging config file would.
 STORAGE: AsyncLocalStorage[Dict[str, Any]] = AsyncLocalStorage(name="logfilter-tests")
-
-
-class ListHandler(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture(name="logger")

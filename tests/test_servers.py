@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from contextvars import Context, ContextVar
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 

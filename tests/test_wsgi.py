@@ -33,6 +33,7 @@ from asl_gevent import AsyncLocalStorage
 from asl_gevent.logfilter import StoreFilter
 from asl_gevent.wsgi import (RequestContextMiddleware, get_request_id, request_id_from,
                              request_storage)
+from helpers import ListHandler
 
 # Created at import, as applications do: its worker threads are started by
 # whichever request submits first and then serve every later request.
@@ -149,15 +150,6 @@ def wait_until(predicate: Callable[[], bool], what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         gevent.sleep(0.005)
-
-
-class ListHandler(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture(name="captured")
