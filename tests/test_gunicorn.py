@@ -304,7 +304,7 @@ def test_pre_request_hook_runs_in_the_request_context(tmp_path: Path) -> None:
     request's own context: a store it enters is what the app (and what the
     app spawns) sees, and the next keep-alive request gets only its own. The
     config imports the storage at load time, so the hooks are installed in
-    the master before the worker's monkey.patch_all(); that works too."""
+    the master before the worker's monkey.patch_all; that works too."""
     config = tmp_path / "pre_request_conf.py"
     config.write_text(textwrap.dedent("""
         from asl_gevent.wsgi import request_storage

@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from structlog.contextvars import bind_contextvars, merge_contextvars
 
-from helpers import run_python
+from helpers import run_scenario
 
 REQUESTS = 50
 KINDS = ("spawn", "pool", "executor", "threadpool")
@@ -252,51 +252,11 @@ def test_without_hooks_structlog_vars_do_not_reach_a_greenlet(
 
 
 def test_patched_threads_and_executor_keep_the_parent_span() -> None:
-    """After ``monkey.patch_all()`` (which installs the hooks through gevent's
+    """After ``monkey.patch_all`` (which installs the hooks through gevent's
     plugin entry point: no asl_gevent call in the script), spans started in
     ``threading.Thread`` targets and ``ThreadPoolExecutor`` tasks keep the
     request's span as parent, for 20 concurrent requests."""
-    proc = run_python("""
-        from gevent import monkey
-        monkey.patch_all()
-
-        import json, threading
-        from concurrent.futures import ThreadPoolExecutor
-        import gevent
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-        import asl_gevent
-
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        tracer = provider.get_tracer("patched")
-        executor = ThreadPoolExecutor(max_workers=3)
-
-        def child(name):
-            gevent.sleep(0)
-            with tracer.start_as_current_span(name):
-                gevent.sleep(0)
-
-        def request(n):
-            with tracer.start_as_current_span(f"request-{n}"):
-                thread = threading.Thread(target=child, args=(f"thread-{n}",))
-                thread.start()
-                future = executor.submit(child, f"executor-{n}")
-                thread.join(10)
-                future.result(timeout=10)
-
-        gevent.joinall([gevent.spawn(request, n) for n in range(20)],
-                       timeout=60, raise_error=True)
-        executor.shutdown()
-        print(json.dumps({
-            "installed": asl_gevent.is_installed(),
-            "spans": [[s.name, s.context.trace_id, s.context.span_id,
-                       s.parent.span_id if s.parent else None]
-                      for s in exporter.get_finished_spans()],
-        }))
-    """, timeout=60)
+    proc = run_scenario("otel_patched", timeout=60)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["installed"] is True
     spans = {name: (trace_id, span_id, parent)

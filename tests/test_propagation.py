@@ -1,4 +1,4 @@
-"""SPEC's propagation matrix, with and without ``monkey.patch_all()``.
+"""SPEC's propagation matrix, with and without ``monkey.patch_all``.
 
 Every spawn path in :mod:`matrix` is run by 200 concurrent requests, each in
 its own ``run()``; each child sleeps a random while and reports its store.
@@ -28,7 +28,7 @@ from gevent.greenlet import Greenlet
 
 import asl_gevent
 from asl_gevent import AsyncLocalStorage
-from helpers import ROOT, run_python
+from helpers import ROOT, run_python, run_scenario
 from matrix import EXECUTOR, EXECUTOR_PATHS, GREENLET_PATHS, isolation
 
 ALL_PATHS = {**GREENLET_PATHS, **EXECUTOR_PATHS}
@@ -245,7 +245,7 @@ def test_uninstalled_hooks_are_not_reinstalled_by_new_storages(no_hooks: None) -
     assert not asl_gevent.is_installed()
 
 
-# -- monkey.patch_all() (subprocesses) ----------------------------------------------
+# -- monkey.patch_all (subprocesses) ----------------------------------------------
 
 
 def _matrix(*args: str) -> dict[str, dict[str, Any]]:
@@ -258,7 +258,7 @@ def _matrix(*args: str) -> dict[str, dict[str, Any]]:
 
 
 def test_patched_matrix() -> None:
-    """After monkey.patch_all() (which installs the hooks through gevent's plugin
+    """After monkey.patch_all (which installs the hooks through gevent's plugin
     entry point), every path, patched threads included, carries each of 50
     concurrent requests' store to its child and only there."""
     rows = _matrix("patch", "50")
@@ -271,7 +271,7 @@ def test_patched_matrix() -> None:
 
 
 def test_patched_matrix_negative_control() -> None:
-    """After monkey.patch_all() and uninstall(), children see nothing."""
+    """After monkey.patch_all and uninstall(), children see nothing."""
     rows = _matrix("patch", "nohooks", "5")
     assert len(rows) == len(ALL_PATHS) + 3
     for path, row in rows.items():
@@ -280,14 +280,7 @@ def test_patched_matrix_negative_control() -> None:
 
 def test_patch_all_installs_hooks_through_plugin() -> None:
     """gevent's did_patch_all entry point installs the hooks without any call."""
-    proc = run_python("""
-        import sys
-        from gevent import monkey
-        monkey.patch_all()
-        print('asl_gevent._hooks' in sys.modules)
-        import asl_gevent
-        print(asl_gevent.is_installed())
-    """)
+    proc = run_scenario("plugin_install")
     assert proc.stdout.split() == ["True", "True"]
 
 

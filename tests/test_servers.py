@@ -4,7 +4,7 @@
 the context that was current where the server was started, never what code
 run by the hub left behind; pywsgi keep-alive requests each get their own
 copy of the connection's context. The last test repeats the WSGI scenario
-under ``monkey.patch_all()`` in a subprocess.
+under ``monkey.patch_all`` in a subprocess.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 
 from asl_gevent import AsyncLocalStorage
-from helpers import run_python
+from helpers import run_scenario
 from test_wsgi import DEADLINE, HttpConnection, run_clients
 
 marker: ContextVar[Optional[str]] = ContextVar("tests.servers.marker", default=None)
@@ -238,106 +238,16 @@ def test_pywsgi_keep_alive_leaks_without_hooks(no_hooks: None,
     assert second == ["request-1", "request-1", [None, None]]
 
 
-# -- the same under monkey.patch_all(), in a subprocess ----------------------------
-
-PATCHED_SCENARIO = r"""
-from gevent import monkey
-monkey.patch_all()
-
-import concurrent.futures, http.client, json, logging, threading, urllib.request
-import gevent
-from gevent.pywsgi import WSGIServer
-import asl_gevent
-from asl_gevent.logfilter import StoreFilter
-from asl_gevent.wsgi import RequestContextMiddleware, get_request_id
-
-EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=3)
-records = []
-
-class ListHandler(logging.Handler):
-    def emit(self, record):
-        records.append((record.getMessage(), record.request_id))
-
-handler = ListHandler()
-handler.addFilter(StoreFilter())
-log = logging.getLogger("patched")
-log.addHandler(handler)
-log.setLevel(logging.INFO)
-
-def observe(where, expected):
-    log.info("%s %s", where, expected)
-    return get_request_id()
-
-def in_thread(expected):
-    out = []
-    thread = threading.Thread(target=lambda: out.append(observe("thread", expected)))
-    thread.start()
-    thread.join()
-    return out[0]
-
-def app(environ, start_response):
-    rid = get_request_id()
-    seen = {
-        "app": rid,
-        "spawn": gevent.spawn(observe, "spawn", rid).get(),
-        "thread": in_thread(rid),
-        "executor": EXECUTOR.submit(observe, "executor", rid).result(),
-        "threadpool": gevent.get_hub().threadpool.spawn(observe, "threadpool", rid).get(),
-    }
-    gevent.sleep(0.001)
-    seen["after"] = get_request_id()
-    body = json.dumps(seen).encode()
-    start_response("200 OK", [("Content-Type", "application/json"),
-                              ("Content-Length", str(len(body)))])
-    return [body]
-
-server = WSGIServer(("127.0.0.1", 0), RequestContextMiddleware(app), log=None)
-server.start()
-port = server.server_port
-
-def urllib_client(n):
-    out = []
-    for j in range(3):
-        sent = "u%d-%d" % (n, j)
-        request = urllib.request.Request("http://127.0.0.1:%d/" % port,
-                                         headers={"X-Request-ID": sent})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            out.append((sent, response.headers["X-Request-ID"], json.loads(response.read())))
-    return out
-
-def keep_alive_client(n):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    out = []
-    for j in range(3):
-        sent = "k%d-%d" % (n, j)
-        conn.request("GET", "/", headers={"X-Request-ID": sent})
-        response = conn.getresponse()
-        out.append((sent, response.getheader("X-Request-ID"), json.loads(response.read())))
-    conn.close()
-    return out
-
-clients = [gevent.spawn(urllib_client, n) for n in range(10)]
-clients += [gevent.spawn(keep_alive_client, n) for n in range(10)]
-gevent.joinall(clients, timeout=60, raise_error=True)
-server.stop(timeout=5)
-print(json.dumps({
-    "installed": asl_gevent.is_installed(),
-    "finished": sum(g.successful() for g in clients),
-    "results": [r for g in clients for r in g.get()],
-    "records": records,
-    "outside": get_request_id(),
-}))
-"""
-
+# -- the same under monkey.patch_all, in a subprocess ----------------------------
 
 @pytest.mark.slow
 def test_patched_wsgi_server_with_middleware_in_a_subprocess() -> None:
-    """Under monkey.patch_all(), 60 urllib and http.client (keep-alive)
+    """Under monkey.patch_all, 60 urllib and http.client (keep-alive)
     requests from 20 concurrent greenlets: the app, gevent.spawn, a patched
     threading.Thread, a ThreadPoolExecutor and the hub threadpool all see the
     request's own id, the response echoes it, and every log record carries
     the id of the request that made it."""
-    proc = run_python(PATCHED_SCENARIO, timeout=120)
+    proc = run_scenario("servers_patched", timeout=120)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["installed"] is True
     assert out["finished"] == 20
