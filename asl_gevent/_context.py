@@ -15,6 +15,7 @@ rules:
 
 from __future__ import annotations
 
+import functools
 from contextvars import Context
 from types import CoroutineType
 from typing import Any, Callable, Coroutine, Generator, TypeVar
@@ -38,6 +39,19 @@ def call_in(context: Context, fn: Callable[..., R], args: tuple[Any, ...],
     if type(result) is CoroutineType:
         return in_context(context, result)  # type: ignore[arg-type,return-value]
     return result
+
+
+def bound_to(context: Context, fn: Callable[..., R]) -> Callable[..., R]:
+    """*fn* bound to *context*: every call runs in its own copy of it.
+
+    A copy per call lets the result be called many times, re-entrantly, and
+    from several greenlets or threads at once (a Context cannot be entered
+    twice at once), and drops whatever one call set before the next.
+    """
+    def bound(*args: Any, **kwargs: Any) -> R:
+        return call_in(context.copy(), fn, args, kwargs)
+
+    return functools.update_wrapper(bound, fn)
 
 
 async def in_context(context: Context, coro: Coroutine[Any, Any, R]) -> R:

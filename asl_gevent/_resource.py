@@ -19,7 +19,7 @@ import builtins
 from contextvars import copy_context
 from typing import Any, Callable, TypeVar
 
-from ._context import call_in, check_callable
+from ._context import bound_to, call_in, check_callable
 
 R = TypeVar("R")
 
@@ -74,14 +74,7 @@ class AsyncResource:
 
     def _bind(self, fn: Callable[..., R]) -> Callable[..., R]:
         check_callable(fn, "AsyncResource.bind()")
-        context = self._context
-
-        def bound(*args: Any, **kwargs: Any) -> R:
-            return call_in(context.copy(), fn, args, kwargs)
-
-        bound.__wrapped__ = fn  # type: ignore[attr-defined]
-        bound.__name__ = getattr(fn, "__name__", "bound")
-        bound.__qualname__ = getattr(fn, "__qualname__", bound.__name__)
+        bound = bound_to(self._context, fn)
         bound.asyncResource = self  # type: ignore[attr-defined]  # as in Node
         return bound
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Generic, Optional, TypeVar
 
 from greenlet import getcurrent
 
-from ._context import call_in, check_callable, in_context
+from ._context import bound_to, call_in, check_callable, in_context
 from ._hooks import install_on_first_use
 
 T = TypeVar("T")
@@ -49,16 +49,7 @@ def bind(fn: Callable[..., R]) -> Callable[..., R]:
     greenlets or threads at once; what *fn* changes is gone when it returns.
     """
     check_callable(fn, "AsyncLocalStorage.bind()")
-    captured = copy_context()
-
-    def bound(*args: Any, **kwargs: Any) -> R:
-        return call_in(captured.copy(), fn, args, kwargs)
-
-    bound.__wrapped__ = fn  # type: ignore[attr-defined]
-    bound.__name__ = getattr(fn, "__name__", "bound")
-    bound.__qualname__ = getattr(fn, "__qualname__", bound.__name__)
-    bound.__doc__ = getattr(fn, "__doc__", None)
-    return bound
+    return bound_to(copy_context(), fn)
 
 
 def snapshot() -> Callable[..., Any]:
@@ -264,11 +255,6 @@ class AsyncLocalStorage(Generic[T]):
 
     # -- camelCase aliases for code ported from Node -----------------------------
 
-    def getStore(self) -> Optional[T]:  # noqa: N802 - Node's name; shadowed in __init__
-        """Alias of :meth:`get_store`."""
-        return self._var.get()  # type: ignore[no-any-return]  # pragma: no cover
-
-    def enterWith(self, store: T) -> None:  # noqa: N802 - Node's name
-        """Alias of :meth:`enter_with`."""
-        self._var.set(store)
+    getStore = get_store  # noqa: N815 - Node's name; replaced per instance too
+    enterWith = enter_with  # noqa: N815 - Node's name
 

@@ -510,6 +510,14 @@ def test_app_exception_propagates_and_leaves_no_store() -> None:
 # -- the request-id header ------------------------------------------------------
 
 
+def echo_request_id(environ: Dict[str, Any],
+                    start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """A WSGI app whose body is the request id it sees."""
+    body = (get_request_id() or "").encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+
 @pytest.mark.parametrize("raw", [
     "has space",
     "a" * 129,
@@ -528,12 +536,7 @@ def test_malformed_ids_over_the_wire_are_replaced_and_never_echoed(raw: str) -> 
     (spaces, control characters, non-ASCII, quotes, commas) are replaced by a
     generated id: the app sees the generated id, the response echoes it, and
     the raw value appears nowhere in the response."""
-    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        body = (get_request_id() or "").encode()
-        start_response("200 OK", [("Content-Length", str(len(body)))])
-        return [body]
-
-    with serving(RequestContextMiddleware(app)) as port:
+    with serving(RequestContextMiddleware(echo_request_id)) as port:
         response = get(port, "/", [("X-Request-ID", raw)])
     assert response.status == 200
     assert response.all("X-Request-ID") == [response.body.decode()]
@@ -569,12 +572,7 @@ def test_ids_with_line_breaks_or_empty_are_replaced(raw: str) -> None:
 def test_well_formed_ids_are_used_and_echoed(good: str) -> None:
     """Ids of 1..128 characters from [A-Za-z0-9._:@/+=-] are kept and echoed
     exactly once."""
-    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        body = (get_request_id() or "").encode()
-        start_response("200 OK", [("Content-Length", str(len(body)))])
-        return [body]
-
-    with serving(RequestContextMiddleware(app)) as port:
+    with serving(RequestContextMiddleware(echo_request_id)) as port:
         response = get(port, "/", [("X-Request-ID", good)])
     assert response.body.decode() == good
     assert response.all("X-Request-ID") == [good]
