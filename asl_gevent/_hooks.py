@@ -40,7 +40,7 @@ import sys
 import warnings
 from contextvars import Context, ContextVar, copy_context
 from types import MethodType, ModuleType
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import gevent
 import gevent.hub
@@ -68,7 +68,10 @@ def _gevent_greenlet_class() -> Any:
     return gevent.greenlet.Greenlet  # pragma: no cover - gevent renamed its module
 
 
-Greenlet = _gevent_greenlet_class()
+if TYPE_CHECKING:
+    from gevent.greenlet import Greenlet
+else:
+    Greenlet = _gevent_greenlet_class()
 
 
 class _State:
@@ -94,7 +97,7 @@ class _State:
         #: The ``_orig_*`` globals bound by the current installation.
         self.bound: Dict[str, Any] = {}
         self.spawn_callback: Optional[Callable[[Any], None]] = None
-        self.finder: Optional[object] = None
+        self.finder: Optional[_PatchOnImport] = None
 
 
 _state: _State = globals().get("_state") or _State()
@@ -269,10 +272,10 @@ def _executor_submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs:
     tasks in an empty context instead of this request's.
     """
     if args or kwargs:
-        return Context().run(_orig_submit, self, copy_context().run, fn, *args, **kwargs)  # type: ignore[arg-type]
+        return Context().run(_orig_submit, self, copy_context().run, fn, *args, **kwargs)
     # Most tasks take no arguments: not building an empty tuple and dict
     # saves about 2% of a submit + result (CPython 3.11).
-    return Context().run(_orig_submit, self, copy_context().run, fn)  # type: ignore[arg-type]
+    return Context().run(_orig_submit, self, copy_context().run, fn)
 
 
 # -- gevent.threadpool.ThreadPool (real OS threads) --------------------------
