@@ -28,7 +28,13 @@ running code *on behalf of* a captured context (a server accepting for the
 context it was started in, a ``rawlink`` callback), which we mark with
 :data:`_carried`.
 
-:func:`uninstall` puts every patched attribute back as it was.
+:func:`uninstall` puts every patched attribute back as it was, unless
+another library has wrapped it since (see :func:`_restore`).
+
+Each row of :data:`_PATHS` names one attribute and its hook; a hook calls
+what it replaced through an ``_orig_*`` global that :func:`install` binds.
+A module not imported yet is patched when it is (:class:`_PatchOnImport`),
+so importing this package imports none of them.
 """
 
 from __future__ import annotations
@@ -98,9 +104,21 @@ class _State:
         self.bound: Dict[str, Any] = {}
         self.spawn_callback: Optional[Callable[[Any], None]] = None
         self.finder: Optional[_PatchOnImport] = None
+        self.fork_handler = False
 
 
 _state: _State = globals().get("_state") or _State()
+
+
+def _new_lock_after_fork() -> None:
+    # A lock another thread held at fork() time stays held in the child, where
+    # that thread does not exist: the child starts with a free one.
+    _state.lock = _thread.RLock()
+
+
+if not _state.fork_handler and hasattr(os, "register_at_fork"):
+    _state.fork_handler = True  # once per process, reloads included
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 #: True in a context that the hub runs code for on purpose (see module doc).
 #: Kept across a reload too: contexts captured before it hold this variable.

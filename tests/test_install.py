@@ -276,3 +276,37 @@ def test_reinstall_after_a_wrapper_over_our_hook_was_removed(
     assert _submitted_store(als) == "request"
     asl_gevent.uninstall()
     assert cls.__dict__["submit"] is pristine_submit
+
+
+def test_fork_while_another_thread_holds_the_install_lock() -> None:
+    """A child forked while another thread is inside install()/uninstall()
+    (holding the lock) can still install: it starts with a free lock."""
+    proc = run_python("""
+        import os, threading, time
+        import asl_gevent, asl_gevent._hooks as hooks
+        asl_gevent.uninstall()
+        held, release = threading.Event(), threading.Event()
+        def hold():
+            with hooks._state.lock:
+                held.set()
+                release.wait(10)
+        thread = threading.Thread(target=hold)
+        thread.start()
+        held.wait(5)
+        pid = os.fork()
+        if pid == 0:
+            asl_gevent.install()
+            os._exit(0 if asl_gevent.is_installed() else 1)
+        release.set()
+        thread.join(5)
+        deadline = time.monotonic() + 10
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("child hung")
+        else:
+            print("child exit", os.waitstatus_to_exitcode(done[1]))
+    """)
+    assert proc.stdout.split() == ["child", "exit", "0"]
