@@ -360,19 +360,23 @@ class _Path:
     the class itself. *original* names the module global through which the
     hook calls what it replaced; :func:`install` binds it (originals are
     captured when the hooks go in, not when this module is imported, so a
-    wrapper another library put there first keeps being called). A plain
-    class, not a ``NamedTuple``: that one costs 3 ms of import time.
+    wrapper another library put there first keeps being called). With
+    ``make=True``, *hook* is a factory: install() calls ``hook(original)``
+    and puts in what it returns (for a class that must subclass what it
+    replaces, built only once its module is imported). A plain class, not a
+    ``NamedTuple``: that one costs 3 ms of import time.
     """
 
-    __slots__ = ("module", "owner", "name", "hook", "original")
+    __slots__ = ("module", "owner", "name", "hook", "original", "make")
 
     def __init__(self, module: str, owner: Union[str, type], name: str,
-                 hook: Callable[..., Any], original: str) -> None:
+                 hook: Callable[..., Any], original: str, *, make: bool = False) -> None:
         self.module = module
         self.owner = owner
         self.name = name
         self.hook = hook
         self.original = original
+        self.make = make
 
 
 #: Every hooked attribute, in the order they go in. A module that is not
@@ -474,8 +478,9 @@ def _apply(row: _Path, module: ModuleType) -> None:
         # but someone wrapped only one of them: leave that one alone.
         return
     globals()[row.original] = _state.bound[row.original] = original
-    hook = row.hook
-    vars(hook).update({"__wrapped__": original, _MARK: hook, _RESTORE: restore})
+    hook = row.hook(original) if row.make else row.hook
+    for attribute, value in (("__wrapped__", original), (_MARK, hook), (_RESTORE, restore)):
+        setattr(hook, attribute, value)
     _set_attribute(owner, row.name, hook)
     _state.patches.append((owner, row.name, hook, restore))
 
