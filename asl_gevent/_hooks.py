@@ -530,6 +530,8 @@ class _PatchAfterExec:
         _patch_imported(module)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
 
@@ -609,8 +611,9 @@ def install() -> None:
         if _state.installed:
             return
         try:
-            finder = _state.finder = _PatchOnImport()
-            sys.meta_path.insert(0, finder)
+            if any(name not in sys.modules for name in _BY_MODULE):
+                finder = _state.finder = _PatchOnImport()
+                sys.meta_path.insert(0, finder)
             for row in _PATHS:
                 module = _loaded(row.module)
                 if module is not None:
