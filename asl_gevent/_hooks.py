@@ -104,6 +104,9 @@ class _State:
         self.bound: Dict[str, Any] = {}
         self.spawn_callback: Optional[Callable[[Any], None]] = None
         self.finder: Optional[_PatchOnImport] = None
+        #: ``(owner, name) -> value`` that uninstall found set over our hook
+        #: (by another library, after install) and so left in place.
+        self.left: Dict[Tuple[Any, str], Any] = {}
         self.fork_handler = False
 
 
@@ -466,6 +469,15 @@ def _apply(row: _Path, module: ModuleType) -> None:
     """Put *row*'s hook in place, remembering what to restore. Lock held."""
     owner = _owner_of(row, module)
     current = vars(owner).get(row.name, _MISSING)
+    left = _state.left.pop((owner, row.name), _MISSING)
+    if not _is_hook(current) and (
+            (left is not _MISSING and current is left) or _wraps_a_hook(current)):
+        # Set over our hook after an earlier install() (uninstall left it):
+        # it may well call that hook, which calls what it wrapped then, so
+        # the path is still hooked. Wrapping it again could make the hook
+        # call itself; leave it to its owner.
+        _state.left[(owner, row.name)] = current
+        return
     if _is_hook(current):
         # Ours, from a run of this module before a reload (or left in place
         # by a wrapper that was removed since): take over what it wrapped.
@@ -494,8 +506,25 @@ def _restore(first: int = 0) -> None:
     """
     while len(_state.patches) > first:
         owner, name, hook, restore = _state.patches.pop()
-        if vars(owner).get(name, _MISSING) is hook:
+        current = vars(owner).get(name, _MISSING)
+        if current is hook:
             _set_attribute(owner, name, restore)
+        else:
+            _state.left[(owner, name)] = current
+
+
+def _wraps_a_hook(value: Any) -> bool:
+    """Whether *value* wraps one of our hooks (by its ``__wrapped__`` chain)."""
+    for _ in range(32):  # a bound: __wrapped__ chains can be cyclic
+        try:
+            value = getattr(value, "__wrapped__", None)
+        except Exception:  # an exotic proxy
+            return False
+        if value is None:
+            return False
+        if _is_hook(value):
+            return True
+    return False
 
 
 def _loaded(name: str) -> Optional[ModuleType]:

@@ -310,3 +310,30 @@ def test_fork_while_another_thread_holds_the_install_lock() -> None:
             print("child exit", os.waitstatus_to_exitcode(done[1]))
     """)
     assert proc.stdout.split() == ["child", "exit", "0"]
+
+
+@pytest.mark.parametrize("wraps", [True, False], ids=["functools.wraps", "plain-closure"])
+def test_reinstall_over_a_wrapper_of_our_hook_never_recurses(
+        pristine_submit: Submit, als: AsyncLocalStorage[str], wraps: bool) -> None:
+    """install(); a library wraps our hook; uninstall() leaves its wrapper;
+    install() again must not wrap that wrapper (which calls our hook, which
+    would then call the wrapper again: a RecursionError). The path stays
+    hooked through the wrapper; uninstall() leaves it again."""
+    cls = concurrent.futures.ThreadPoolExecutor
+    calls: List[str] = []
+    asl_gevent.install()
+    ours = cls.submit
+
+    def plain(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        calls.append("plain")
+        return ours(self, fn, *args, **kwargs)
+
+    wrapper = _counting(ours, calls, "wraps") if wraps else plain
+    cls.submit = wrapper  # type: ignore[method-assign]
+    for _ in range(3):
+        asl_gevent.uninstall()
+        asl_gevent.install()
+        assert cls.__dict__["submit"] is wrapper
+        assert _submitted_store(als) == "request"
+    asl_gevent.uninstall()
+    assert cls.__dict__["submit"] is wrapper and len(calls) == 3
