@@ -110,7 +110,31 @@ class _State:
         self.fork_handler = False
 
 
-_state: _State = globals().get("_state") or _State()
+#: Set on every hook by :func:`install`: the hook itself (so a wrapper made
+#: with ``functools.wraps``, which copies ``__dict__``, is not taken for
+#: ours), next to ``__wrapped__`` (what it calls) and what to put back. A
+#: reloaded or re-imported copy of this module recognises the hooks by it.
+_MARK = "__asl_gevent_hook__"
+_RESTORE = "__asl_gevent_restore__"
+
+
+def _earlier_state() -> Optional[_State]:
+    """The state of an earlier run of this module, if there is one to share.
+
+    ``importlib.reload`` re-runs this file in the same namespace, where the
+    state is still a global. A copy imported afresh (after ``del
+    sys.modules[...]``) gets a new namespace, so the state cannot live only
+    there: while hooks are in place it is found through the installed
+    ``Greenlet.run`` hook, whose globals are the earlier module's.
+    """
+    state: Optional[_State] = globals().get("_state")
+    run: Any = vars(Greenlet).get("run")
+    if state is None and run is not None and getattr(run, _MARK, None) is run:
+        state = getattr(run, "__globals__", {}).get("_state")
+    return state
+
+
+_state: _State = _earlier_state() or _State()
 
 
 def _new_lock_after_fork() -> None:
@@ -409,14 +433,6 @@ del _row
 #: An attribute the owner did not have in its own ``__dict__`` (inherited or
 #: absent): uninstall deletes ours instead of writing something back.
 _MISSING = "<asl_gevent: not in the owner's own __dict__>"
-
-#: Set on every hook function by :func:`install`: the hook itself (so a
-#: wrapper made with ``functools.wraps``, which copies ``__dict__``, is not
-#: taken for ours), next to ``__wrapped__`` (what it calls) and what to put
-#: back. A reloaded module recognises the hooks of its previous run by it.
-_MARK = "__asl_gevent_hook__"
-_RESTORE = "__asl_gevent_restore__"
-
 
 def _is_hook(value: Any) -> bool:
     """Whether *value* is one of our hooks (from any run of this module)."""

@@ -337,3 +337,15 @@ def test_reinstall_over_a_wrapper_of_our_hook_never_recurses(
         assert _submitted_store(als) == "request"
     asl_gevent.uninstall()
     assert cls.__dict__["submit"] is wrapper and len(calls) == 3
+
+
+def test_reimported_hooks_module_shares_the_installed_state() -> None:
+    """``del sys.modules["asl_gevent._hooks"]`` and import it again while
+    installed: the new copy finds the state through the installed hooks
+    (is_installed() is true), its uninstall() removes the old copy's hooks and
+    spawn callback (gevent pristine, a spawned greenlet starts empty, the old
+    copy agrees), and its install() works without any hook calling itself."""
+    out = _scenario("reimport")
+    assert out == {"fresh": True, "sees_installed": True, "pristine": True,
+                   "after_uninstall": None, "old_module_agrees": True,
+                   "after_install": ["request", ["request"]]}
