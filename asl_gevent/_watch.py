@@ -308,8 +308,10 @@ def _thread_of(glet: greenlet) -> Optional[threading.Thread]:
     return owner if isinstance(owner, threading.Thread) else None
 
 
-def _spawned_at(glet: greenlet) -> Optional[str]:
-    """Where *glet* was spawned: the innermost frame outside gevent, threading and us."""
+def _spawned_at(glet: greenlet, depth: int = 3) -> Optional[str]:
+    """Where *glet* was spawned: the innermost *depth* frames outside gevent,
+    threading and asl_gevent, innermost first (a library's wrapper of
+    ``Thread.start``, such as sentry-sdk's, then the real starter)."""
     stack = getattr(glet, "spawning_stack", None)  # gevent's track_greenlet_tree
     if stack is None:
         return None
@@ -317,10 +319,9 @@ def _spawned_at(glet: greenlet) -> Optional[str]:
         frames = traceback.extract_stack(stack)
     except Exception:  # pragma: no cover - gevent's frame stand-ins changed
         return None
-    for frame in reversed(frames):
-        if not frame.filename.startswith(_SKIP_FILES):
-            return f"{frame.filename}:{frame.lineno} in {frame.name}"
-    return None
+    found = [f"{frame.filename}:{frame.lineno} in {frame.name}"
+             for frame in reversed(frames) if not frame.filename.startswith(_SKIP_FILES)]
+    return " <- ".join(found[:depth]) or None
 
 
 def format_stores(stores: List[Tuple[str, Any]]) -> str:
