@@ -107,12 +107,14 @@ def leak_watch_delay(value: Any, where: str) -> Optional[float]:
 
 
 def stores_in(context: Context) -> List[Tuple[str, Any]]:
-    """``(storage name, store)`` for every :class:`AsyncLocalStorage` set in *context*."""
+    """``(storage name, store)`` for every :class:`AsyncLocalStorage` set in *context*,
+    by name (a context's own order is a hash order)."""
     found = []
     for var, value in context.items():
         name = var.name
         if name.startswith(_STORAGE_PREFIX):
             found.append((name[len(_STORAGE_PREFIX):-1], value))
+    found.sort(key=lambda item: item[0])
     return found
 
 
