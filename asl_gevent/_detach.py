@@ -44,8 +44,6 @@ the hooks are installed; ``ASL_GEVENT_DETACH_KNOWN=0`` turns that off and
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import os
 import sys
 import threading
@@ -354,13 +352,17 @@ def _unmark(target: str) -> None:
 # -- marking modules as they are imported -------------------------------------
 
 
-class _MarkingLoader(importlib.abc.Loader):
+# Duck-typed rather than subclassing importlib.abc: importing that module
+# costs about 20 ms (CPython 3.11), more than SPEC's whole import budget.
+
+
+class _MarkingLoader:
     """Runs the real loader, then marks the module's wanted starters."""
 
     def __init__(self, loader: Any) -> None:
         self._loader = loader
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[ModuleType]:
+    def create_module(self, spec: Any) -> Optional[ModuleType]:
         return self._loader.create_module(spec)  # type: ignore[no-any-return]
 
     def exec_module(self, module: ModuleType) -> None:
@@ -378,7 +380,7 @@ class _MarkingLoader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _MarkingFinder(importlib.abc.MetaPathFinder):
+class _MarkingFinder:
     """A meta path finder that only answers for modules with wanted starters.
 
     It finds nothing itself: it asks the finders after it and wraps the
@@ -386,10 +388,10 @@ class _MarkingFinder(importlib.abc.MetaPathFinder):
     """
 
     def find_spec(self, fullname: str, path: Optional[Sequence[str]],
-                  target: Optional[ModuleType] = None) -> Optional[importlib.machinery.ModuleSpec]:
+                  target: Optional[ModuleType] = None) -> Any:
         if fullname not in _wanted:
             return None
-        finders = sys.meta_path
+        finders: List[Any] = list(sys.meta_path)
         try:
             after = finders[finders.index(self) + 1:]
         except ValueError:
@@ -402,7 +404,7 @@ class _MarkingFinder(importlib.abc.MetaPathFinder):
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
                     spec.loader = _MarkingLoader(spec.loader)
-                return spec  # type: ignore[no-any-return]
+                return spec
         return None
 
 
