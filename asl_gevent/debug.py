@@ -14,7 +14,7 @@ the request has ended.
 >>> stuck = als.run({"request_id": "r-stuck"}, gevent.spawn, gevent.sleep, 30)
 >>> gevent.sleep(0)
 >>> lines = format_run_info(thread_stacks=False)
->>> [line.strip(" :|") for line in lines if "Stores:" in line]
+>>> [line.strip(" :|") for line in lines if "Stores:" in line and "r-stuck" in line]
 ["Stores: request={'request_id': 'r-stuck'}"]
 >>> stuck.kill()
 
