@@ -80,6 +80,8 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
     #: patched thread is logged (``asl_gevent.leak``, once per holder).
     #: ``None`` reads ``ASL_GEVENT_LEAK_WATCH`` (``gunicorn -e
     #: ASL_GEVENT_LEAK_WATCH=5``), ``0`` is off; or set it in a subclass.
+    #: (``GeventPyWSGIWorker`` serves through pywsgi, not ``handle_request``:
+    #: there, use the middleware's ``leak_watch``.)
     leak_watch: Optional[float] = None
     _leak_watch: Optional[LeakWatch] = None
 
