@@ -108,8 +108,11 @@ def run_detached(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
 
 # -- with detached(): ---------------------------------------------------------
 
-#: True in a context whose spawns and thread starts are detached.
-_detaching: ContextVar[bool] = ContextVar("asl_gevent.detaching", default=False)
+#: The active ``detached()`` block of a context, if any. The block itself,
+#: not a bare True: a copy of the block's context that outlives the block (a
+#: ``bind()`` made in it, an executor task submitted in it) must not go on
+#: detaching once the block is over.
+_detaching: ContextVar[Optional["detached"]] = ContextVar("asl_gevent.detaching", default=None)
 
 _blocks_lock = threading.Lock()
 _active_blocks = 0
@@ -133,15 +136,14 @@ def _detach_on_spawn(glet: greenlet) -> None:
     a context set before it alone.
     """
     context = glet.gr_context
-    if context is None:
-        if _detaching.get():
-            glet.gr_context = Context()
-    elif context.get(_detaching, False):
+    block = _detaching.get() if context is None else context.get(_detaching)
+    if block is not None and block._token is not None:
         glet.gr_context = Context()
 
 
 def _thread_start(self: threading.Thread) -> None:  # pragma: no cover - Python >= 3.14
-    if _detaching.get() and getattr(self, "_context", None) is None:
+    block = _detaching.get()
+    if block is not None and block._token is not None and getattr(self, "_context", None) is None:
         self._context = Context()  # type: ignore[attr-defined]
     assert _orig_thread_start is not None
     _orig_thread_start(self)
@@ -202,7 +204,7 @@ class detached:  # noqa: N801 - used like a function: ``with detached():``
                                "call detached() again for each with-block")
         _activate()
         self._owner = getcurrent()
-        self._token = _detaching.set(True)
+        self._token = _detaching.set(self)
 
     def __exit__(self, exc_type: Optional[Type[BaseException]],
                  exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:

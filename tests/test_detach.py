@@ -209,6 +209,18 @@ def test_detached_block_is_per_greenlet(als: AsyncLocalStorage[str]) -> None:
     assert seen == {f"r{n}": [f"r{n}", f"r{n}"] for n in range(50)}
 
 
+def test_detached_block_ends_with_the_block(als: AsyncLocalStorage[str]) -> None:
+    """A function bound inside the block and called after it (while another
+    block is active elsewhere) spawns attached again: the flag is the block."""
+    def handler() -> Optional[str]:
+        with detached():
+            bound = AsyncLocalStorage.bind(lambda: gevent.spawn(als.get_store).get())
+        with detached():  # keeps the spawn callback registered
+            return gevent.spawn(bound).get()
+
+    assert als.run("r1", handler) == "r1"
+
+
 def test_detached_block_costs_nothing_when_inactive() -> None:
     """Its spawn callback exists only while some block is active (blocks nest)."""
     def registered() -> bool:
