@@ -60,6 +60,13 @@ _patches: List[Tuple[Any, str, Any, bool]] = []
 _installed = False
 _ever_installed = False
 
+#: ``fn(glet)`` run after ours for ``spawn_raw``, which skips gevent's spawn
+#: callbacks (``asl_gevent._detach`` adds one while a ``detached()`` block is active).
+_spawn_raw_callbacks: List[Callable[[greenlet], None]] = []
+#: ``fn(installing)`` called by install() (True) and uninstall() (False):
+#: ``asl_gevent._detach`` marks the known library workers' starters.
+_companions: List[Callable[[bool], None]] = []
+
 
 def _carry(context: Context) -> Context:
     """Mark *context* as one the hub may run (and spawn) code for."""
@@ -119,6 +126,8 @@ _orig_spawn_raw = gevent.hub.spawn_raw
 def _spawn_raw(function: Callable[..., Any], *args: Any, **kwargs: Any) -> greenlet:
     glet = _orig_spawn_raw(function, *args, **kwargs)
     _on_spawn(glet)  # not switched to yet: spawn_raw only schedules it
+    for callback in _spawn_raw_callbacks:
+        callback(glet)
     return glet
 
 
@@ -343,6 +352,8 @@ def install() -> None:
     _patch(gevent.baseserver.BaseServer, "start", _server_start)
     _patch(gevent.baseserver.BaseServer, "do_handle", _server_do_handle)
     _patch(gevent.pywsgi.WSGIHandler, "handle_one_request", _wsgi_handle_one_request)
+    for companion in _companions:
+        companion(True)
 
 
 def uninstall() -> None:
@@ -355,6 +366,8 @@ def uninstall() -> None:
     if not _installed:
         return
     Greenlet.remove_spawn_callback(_on_spawn)
+    for companion in _companions:
+        companion(False)
     while _patches:
         _unpatch(*_patches.pop())
     _installed = False
