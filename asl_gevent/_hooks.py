@@ -108,6 +108,10 @@ class _State:
         #: (by another library, after install) and so left in place.
         self.left: Dict[Tuple[Any, str], Any] = {}
         self.fork_handler = False
+        self.spawn_raw_callbacks: List[Callable[[Any], None]] = []
+        self.companions: List[Callable[[bool], None]] = []
+        #: Whether the companions were last told True (so are to be told False).
+        self.companions_on = False
 
 
 #: Set on every hook by :func:`install`: the hook itself (so a wrapper made
@@ -151,6 +155,14 @@ if not _state.fork_handler and hasattr(os, "register_at_fork"):
 #: Kept across a reload too: contexts captured before it hold this variable.
 _carried: ContextVar[bool] = (
     globals().get("_carried") or ContextVar("asl_gevent.carried", default=False))
+
+#: ``fn(glet)`` run after ours for ``spawn_raw``, which skips gevent's spawn
+#: callbacks (``asl_gevent._detach`` adds one while a ``detached()`` block is active).
+#: The list lives in the shared state, so a reload keeps what was added.
+_spawn_raw_callbacks: List[Callable[[greenlet], None]] = _state.spawn_raw_callbacks
+#: ``fn(installing)`` called by install() (True) and uninstall() (False):
+#: ``asl_gevent._detach`` marks the known library workers' starters.
+_companions: List[Callable[[bool], None]] = _state.companions
 
 
 def _carry(context: Context) -> Context:
@@ -211,6 +223,8 @@ _orig_spawn_raw: Callable[..., greenlet]
 def _spawn_raw(function: Callable[..., Any], *args: Any, **kwargs: Any) -> greenlet:
     glet = _orig_spawn_raw(function, *args, **kwargs)
     _on_spawn(glet)  # not switched to yet: spawn_raw only schedules it
+    for callback in _spawn_raw_callbacks:
+        callback(glet)
     return glet
 
 
@@ -625,6 +639,10 @@ def _patch_imported(module: ModuleType) -> None:
 
 
 def _uninstall_locked() -> None:
+    if _state.companions_on:
+        _state.companions_on = False
+        for companion in _companions:
+            companion(False)
     finder, _state.finder = _state.finder, None
     if finder is not None:
         try:
@@ -665,6 +683,9 @@ def install() -> None:
                     _apply(row, module)
             Greenlet.add_spawn_callback(_on_spawn)
             _state.spawn_callback = _on_spawn
+            _state.companions_on = True
+            for companion in _companions:
+                companion(True)
         except BaseException:
             _uninstall_locked()
             raise

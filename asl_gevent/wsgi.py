@@ -41,6 +41,7 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
                     Optional, Tuple, TypeVar)
 
 from ._storage import AsyncLocalStorage
+from ._watch import LeakWatch, leak_watch_delay
 
 __all__ = ["RequestContextMiddleware", "request_storage", "get_request_id", "request_id_from"]
 
@@ -158,6 +159,7 @@ class RequestContextMiddleware:
     :raises ValueError: if *header* is not a valid header name.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 the *leak_watch* argument.
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class RequestContextMiddleware:
         header: str = "X-Request-ID",
         echo_header: bool = True,
         store_factory: Optional[Callable[[Dict[str, Any]], Any]] = None,
+        leak_watch: Optional[float] = None,
     ) -> None:
         if not callable(app):
             raise TypeError(
@@ -206,6 +209,8 @@ class RequestContextMiddleware:
         self.store_factory = store_factory
         self._environ_key = "HTTP_" + header.upper().replace("-", "_")
         self._header_lower = header.lower()
+        delay = leak_watch_delay(leak_watch, "RequestContextMiddleware()")
+        self._watch = LeakWatch(delay) if delay is not None else None
 
     def __repr__(self) -> str:
         return (f"<RequestContextMiddleware app={self.app!r} "
@@ -217,6 +222,13 @@ class RequestContextMiddleware:
 
     def __call__(self, environ: Dict[str, Any],
                  start_response: StartResponse) -> Iterable[bytes]:
+        if self._watch is not None:
+            return self._watch.call(  # type: ignore[no-any-return]
+                self._serve, environ, start_response, _ResponseInContext)
+        return self._serve(environ, start_response)
+
+    def _serve(self, environ: Dict[str, Any],
+               start_response: StartResponse) -> Iterable[bytes]:
         # A fresh copy of whatever context the server runs us in: what the
         # request sets lives and dies with this copy, whatever the server does
         # between requests on one connection.

@@ -9,7 +9,8 @@ import pytest
 
 from helpers import ROOT
 
-MODULES = ["asl_gevent._storage", "asl_gevent._resource", "asl_gevent.wsgi",
+MODULES = ["asl_gevent._storage", "asl_gevent._resource", "asl_gevent._detach", "asl_gevent.debug",
+           "asl_gevent.wsgi",
            "asl_gevent.logfilter", "asl_gevent.gunicorn"]
 
 

@@ -25,7 +25,8 @@ FIGURES: List[Tuple[Tuple[str, ...], Figures]] = [
      spawn_rows),
     (("run/token_wrapper",), run_rows),
     (("import/asl_gevent",), import_rows),
-    (("wsgi/gunicorn", "wsgi/gunicorn_cpu", "wsgi/pywsgi", "wsgi/pywsgi_cpu"), wsgi_rows),
+    (("wsgi/gunicorn", "wsgi/gunicorn_cpu", "wsgi/leak_watch", "wsgi/leak_watch_cpu",
+      "wsgi/pywsgi", "wsgi/pywsgi_cpu"), wsgi_rows),
     (("memory/rss", "memory/blocks", "memory/stores"), memory_rows),
 ]
 NAMES = [name for names, _ in FIGURES for name in names]

@@ -17,7 +17,7 @@ from ._core import Options, Processes, Row, Target, free_port, output_of, wait_l
 
 # -- WSGI servers under load ---------------------------------------------------------
 
-__all__ = ["hello_app", "plain_app", "middleware_app", "wsgi_rows", "client_main"]
+__all__ = ["hello_app", "plain_app", "middleware_app", "watched_app", "wsgi_rows", "client_main"]
 
 
 def hello_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> List[bytes]:
@@ -45,6 +45,18 @@ def middleware_app() -> Callable[..., Any]:
 
     install()
     return RequestContextMiddleware(hello_app)
+
+
+def watched_app() -> Callable[..., Any]:
+    """gunicorn app factory: the middleware with the leak watch on (5 s).
+
+    Its baseline is :func:`middleware_app`, so the figure is what the watch
+    alone costs per request (SPEC: at most 3% of the server's CPU).
+    """
+    from ..wsgi import RequestContextMiddleware
+
+    install()
+    return RequestContextMiddleware(hello_app, leak_watch=5)
 
 
 # pywsgi sends the headers and the body in two writes; with Nagle on, the body
@@ -153,6 +165,11 @@ def wsgi_rows(opts: Options, wanted: Callable[[str], bool]) -> Iterator[Row]:
          lambda port: _gunicorn_argv("gevent", "asl_gevent.bench.servers:plain_app()", port),
          lambda port: _gunicorn_argv("asl_gevent.gunicorn.GeventWorker",
                                      "asl_gevent.bench.servers:middleware_app()", port)),
+        ("wsgi/leak_watch", "the same gunicorn worker + middleware, leak watch on (5 s) vs off",
+         lambda port: _gunicorn_argv("asl_gevent.gunicorn.GeventWorker",
+                                     "asl_gevent.bench.servers:middleware_app()", port),
+         lambda port: _gunicorn_argv("asl_gevent.gunicorn.GeventWorker",
+                                     "asl_gevent.bench.servers:watched_app()", port)),
         ("wsgi/pywsgi", "pywsgi.WSGIServer: hooks + middleware vs neither",
          lambda port: [sys.executable, "-c", _PYWSGI_SERVER, str(port), "plain"],
          lambda port: [sys.executable, "-c", _PYWSGI_SERVER, str(port), "asl"]),
