@@ -12,10 +12,15 @@ path                                          hook
 pools, groups, patched threads, subclasses)   callback)
 ``gevent.spawn_raw``                          :func:`_spawn_raw`
 ``Greenlet.link*``/``rawlink`` callbacks      :func:`_rawlink`
+``Event``/``AsyncResult``/semaphore           :func:`_linkable_rawlink`
+``rawlink`` callbacks
 ``ThreadPoolExecutor.submit``/``map``         :func:`_executor_submit`
-``gevent.threadpool.ThreadPool.spawn``        :func:`_threadpool_spawn`
+``gevent.threadpool.ThreadPool`` tasks        :class:`_ThreadResult`,
+                                              :func:`_before_run_task`,
+                                              :func:`_after_run_task`
 ``BaseServer`` handlers (StreamServer, WSGI)  :func:`_server_start`,
-                                              :func:`_server_do_handle`
+                                              :func:`_server_do_handle`,
+                                              :func:`_server_close`
 ``pywsgi`` keep-alive requests                :func:`_wsgi_handle_one_request`
 ``Greenlet.run`` (drops a finished            :func:`_greenlet_run`
 greenlet's context)
@@ -25,8 +30,11 @@ The hub is not a request. Code the hub runs for itself (loop callbacks,
 timers) may set context variables in the hub's own context; greenlets the hub
 spawns must not copy that, so they get an empty context -- unless the hub is
 running code *on behalf of* a captured context (a server accepting for the
-context it was started in, a ``rawlink`` callback), which we mark with
-:data:`_carried`.
+context it was started in, a ``rawlink`` callback, a function from ``bind``,
+``snapshot`` or ``AsyncResource``, an ``als.run``), which we mark with
+:data:`_carried`. The mark is set once, where the context is captured
+(:func:`capture_context`), so running the captured work costs nothing more;
+only ``run()`` called *in* the hub sets it per call.
 
 :func:`uninstall` puts every patched attribute back as it was.
 """
@@ -34,17 +42,19 @@ context it was started in, a ``rawlink`` callback), which we mark with
 from __future__ import annotations
 
 import concurrent.futures.thread
+import copy
 import ctypes
 import gc
 from contextvars import Context, ContextVar, copy_context
 from types import MethodType
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 import gevent
 import gevent.baseserver
 import gevent.hub
 import gevent.pywsgi
 import gevent.threadpool
+from gevent._abstract_linkable import AbstractLinkable
 from gevent.greenlet import Greenlet, SpawnedLink
 from greenlet import getcurrent, greenlet
 
@@ -64,6 +74,21 @@ _ever_installed = False
 def _carry(context: Context) -> Context:
     """Mark *context* as one the hub may run (and spawn) code for."""
     context.run(_carried.set, True)
+    return context
+
+
+def capture_context() -> Context:
+    """``copy_context()`` for work that will run later, maybe in the hub.
+
+    ``bind``, ``snapshot`` and ``AsyncResource`` capture here. The copy is
+    marked as carried once, now, so that the hub running the captured work
+    hands its context to what that work spawns and links, at no cost per
+    call. What the hub captures *for itself* (outside any carried context)
+    stays unmarked: the hub is not a request.
+    """
+    context = copy_context()
+    if not _carried.get() and not isinstance(getcurrent(), _Hub):
+        context.run(_carried.set, True)
     return context
 
 
@@ -107,7 +132,10 @@ def _greenlet_run(self: Greenlet) -> None:
     try:
         _orig_greenlet_run(self)
     finally:
-        if type(self).run is _greenlet_run:
+        # ``Greenlet.run`` rather than ``_greenlet_run``: a greenlet that
+        # finishes after uninstall() still lets go (the class then holds the
+        # original again, and a subclass that overrides run holds neither).
+        if type(self).run is Greenlet.run:
             self.gr_context = None
 
 
@@ -130,10 +158,14 @@ _spawn_raw.__wrapped__ = _orig_spawn_raw  # type: ignore[attr-defined]
 
 
 class _LinkInContext:
-    """A link callback that runs in the context captured at ``link()`` time.
+    """A link callback that runs in the context captured at ``rawlink()`` time.
 
-    Compares and hashes like the callback it wraps, so ``unlink(callback)``
-    still finds it (gevent removes links with ``list.remove``).
+    ``unlink(callback)`` removes what ``rawlink(callback)`` added: gevent
+    removes links with ``list.remove``, which asks each link ``link ==
+    callback``. This compares by identity first and only then, as gevent
+    would have, with the callback's own ``==``; it never looks inside the
+    argument (a ``Mock`` or any handler with a ``callback`` attribute is
+    compared as itself).
     """
 
     __slots__ = ("callback", "_context")
@@ -143,13 +175,16 @@ class _LinkInContext:
         self._context = context
 
     def __call__(self, source: Any) -> Any:
-        # Called once (gevent pops a link before calling it), in the hub for a
-        # rawlink or in a fresh raw greenlet for link(): a copy per call keeps
-        # the captured context enterable even if the callback blocks.
+        # Called in the hub (rawlink) or in a fresh raw greenlet (link()): a
+        # copy per call keeps the captured context enterable even if the
+        # callback blocks or is called again (Event links, re-linked waiters).
         return self._context.copy().run(self.callback, source)
 
     def __eq__(self, other: object) -> bool:
-        return bool(self.callback == getattr(other, "callback", other))
+        callback = self.callback
+        if other is callback or other is self:
+            return True  # identity decides: the callback's __eq__ is not asked
+        return bool(callback == other)
 
     def __hash__(self) -> int:
         return hash(self.callback)
@@ -160,54 +195,96 @@ class _LinkInContext:
 
 _orig_rawlink = Greenlet.rawlink
 _CFunction = type(getcurrent().switch)  # builtin_function_or_method
-
-
-#: Whether a class is gevent's own (``Group``, ``Waiter``, ``IMap``...), by class.
-_gevent_classes: Dict[type, bool] = {}
+_SPAWNED_LINK_TYPES = frozenset(
+    cls for cls in vars(gevent.greenlet).values()
+    if isinstance(cls, type) and issubclass(cls, SpawnedLink))
 
 
 def _is_bookkeeping(callback: Any) -> bool:
-    """True for gevent's own link callbacks, which read no context.
+    """True for gevent's own link callbacks, recognised by what they are.
 
-    ``join()``/``get()`` link the waiting greenlet's C-level ``switch`` (which
-    resumes that greenlet in *its* context); ``Pool``/``Group`` link their
-    ``_discard``, ``wait``/``iwait``/``imap`` a waiter's method. Wrapping them
-    would only cost time on every join and every pool spawn. A method of a
-    user's ``Greenlet`` subclass is not bookkeeping: it is wrapped.
+    * A greenlet's C-level ``switch``/``throw``: ``join()``, ``get()``,
+      ``wait()`` resume the waiting greenlet, which runs in *its* context.
+    * A method whose function gevent defines (``Group._discard``, a
+      ``Waiter``'s or ``wait``/``iwait``'s ``switch``, compiled or not),
+      also when inherited by a subclass.
+
+    Anything else is wrapped, C code included: a user's Cython or mypyc
+    function, a ``list.append`` or a generator's ``send`` may call back
+    into Python that reads a store. Nothing here is cached, so no class or
+    function is kept alive by being looked at.
     """
-    if type(callback) is _CFunction:
-        return True  # C code runs nothing that could read a store
-    if type(callback) is not MethodType:
-        return False
-    cls = type(callback.__self__)
-    owned = _gevent_classes.get(cls)
-    if owned is None:
-        owned = _gevent_classes[cls] = cls.__module__.startswith("gevent.")
-    return owned
+    kind = type(callback)
+    if kind is _CFunction:
+        # greenlet's own C methods (switch, throw) are the only C code bound
+        # to a greenlet: gevent's Greenlet methods and those of a user's
+        # subclass (Python or Cython) are bound methods, checked below.
+        # Checking the name too would cost a string per join().
+        return isinstance(callback.__self__, greenlet)
+    if kind is MethodType:
+        module = getattr(callback.__func__, "__module__", None)
+        return type(module) is str and module.startswith("gevent.")
+    return False
+
+
+def _in_link_context(callback: Any) -> Any:
+    """What ``rawlink`` should register for *callback*, linked from here.
+
+    A ``SpawnedLink`` (what ``link``/``link_value``/``link_exception`` pass)
+    runs its callback in a new raw greenlet, which would start empty: we
+    register a *new* link of the same kind around a wrapped callback, never
+    touching the caller's object, so one ``SpawnedLink`` linked from two
+    requests runs each time in that link's own context.
+    """
+    if isinstance(callback, SpawnedLink):
+        inner = callback.callback
+        if isinstance(inner, _LinkInContext) or _is_bookkeeping(inner):
+            return callback
+        wrapped = _LinkInContext(inner, copy_context())
+        cls = type(callback)
+        if cls in _SPAWNED_LINK_TYPES:
+            return cls(wrapped)
+        link = copy.copy(callback)  # a user subclass: keep its other state
+        link.callback = wrapped
+        return link
+    if isinstance(callback, _LinkInContext):
+        return callback  # re-linked by gevent (semaphore's unswitched waiters)
+    return _LinkInContext(callback, _carry(copy_context()))
 
 
 def _rawlink(self: Greenlet, callback: Any) -> None:
     """``Greenlet.rawlink`` that remembers the context current at link time.
 
-    ``link``, ``link_value`` and ``link_exception`` wrap the callback in a
-    ``SpawnedLink`` and come here too. A ``SpawnedLink`` runs its callback in
-    a new raw greenlet, which would start empty, so we wrap its (public,
-    writable) ``callback`` rather than the link itself.
+    ``link``, ``link_value`` and ``link_exception`` come here too.
     """
-    # Every join()/get() comes here with a greenlet's C-level ``switch``: a
-    # C callable runs no Python code that could read a store, so it is passed
-    # straight through before anything else is looked at (spawn + join is the
-    # hottest path this hook sits on; SPEC allows it 5%).
-    if (type(callback) is not _CFunction and not _is_bookkeeping(callback)
-            and callable(callback)
-            and (not isinstance(getcurrent(), _Hub) or _carried.get())):
-        if isinstance(callback, SpawnedLink):
-            inner = callback.callback
-            if not isinstance(inner, _LinkInContext) and not _is_bookkeeping(inner):
-                callback.callback = _LinkInContext(inner, copy_context())
-        elif not isinstance(callback, _LinkInContext):
-            callback = _LinkInContext(callback, _carry(copy_context()))
+    # Every join()/get() comes here with a greenlet's C-level ``switch``: it
+    # is recognised inline, before anything else is looked at (spawn + join
+    # is the hottest path this hook sits on; SPEC allows it 5%).
+    if not (type(callback) is _CFunction and isinstance(callback.__self__, greenlet)):
+        if (callable(callback) and not _is_bookkeeping(callback)
+                and (not isinstance(getcurrent(), _Hub) or _carried.get())):
+            callback = _in_link_context(callback)
     _orig_rawlink(self, callback)
+
+
+# -- Event / AsyncResult / Semaphore / BoundedSemaphore rawlink ---------------
+
+_orig_linkable_rawlink = AbstractLinkable.rawlink
+
+
+def _linkable_rawlink(self: Any, callback: Any) -> None:
+    """``AbstractLinkable.rawlink``: callbacks run in their link-time context.
+
+    ``Event``, ``AsyncResult``, ``Semaphore`` and ``BoundedSemaphore`` share
+    this (compiled) base. Their own waits (``wait()``, ``get()``,
+    ``acquire()``) link from compiled code straight to the base's C
+    implementation and never come here; ``gevent.wait``/``iwait``/``joinall``
+    do, with a waiter's method that :func:`_is_bookkeeping` passes through.
+    """
+    if (callable(callback) and not _is_bookkeeping(callback)
+            and (not isinstance(getcurrent(), _Hub) or _carried.get())):
+        callback = _in_link_context(callback)
+    _orig_linkable_rawlink(self, callback)
 
 
 # -- concurrent.futures.ThreadPoolExecutor (real or patched threads) ---------
@@ -234,16 +311,58 @@ def _executor_submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs:
 
 # -- gevent.threadpool.ThreadPool (real OS threads) --------------------------
 
-_orig_threadpool_spawn = gevent.threadpool.ThreadPool.spawn
+_orig_thread_result = gevent.threadpool.ThreadResult
+_Worker = gevent.threadpool.ThreadPool._WorkerGreenlet
+_orig_before_run_task = _Worker._before_run_task
+_orig_after_run_task = _Worker._after_run_task
+#: Where a worker keeps its own context while it runs a task.
+_WORKER_CONTEXT = "_asl_gevent_worker_context"
 
 
-def _threadpool_spawn(self: Any, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run the task in the worker thread inside a copy of the caller's context.
+class _ThreadResult(_orig_thread_result):  # type: ignore[misc,valid-type]
+    """gevent's per-task ``ThreadResult``, plus the spawning caller's context.
 
-    ``apply``, ``apply_async``, ``map``, ``imap`` and gevent's own
-    ``ThreadPoolExecutor`` all come through ``spawn``.
+    ``ThreadPool.spawn`` (which ``apply``, ``apply_async``, ``map``, ``imap``
+    and gevent's ``ThreadPoolExecutor`` use) makes one in the caller's
+    greenlet, so this is where the caller's context is at hand. Carrying it
+    here, rather than wrapping the task in ``Context.run``, lets the worker's
+    hooks (``_before_run_task``/``_after_run_task``, profilers, tracers) and
+    gevent's error reports see the user's own function and arguments.
     """
-    return _orig_threadpool_spawn(self, copy_context().run, func, *args, **kwargs)
+
+    __slots__ = ("asl_gevent_context",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.asl_gevent_context = copy_context()
+
+
+def _before_run_task(self: Any, func: Any, args: Any, kwargs: Any, thread_result: Any,
+                     *rest: Any) -> None:
+    """Enter the task's context in the worker, then gevent's own set-up.
+
+    The worker (a raw greenlet at the bottom of its OS thread, in no
+    ``Context.run``) swaps its ``gr_context``, which greenlet (>= 1.0)
+    allows on the running greenlet; :func:`_after_run_task` swaps it back.
+    Looked up by the worker for every task, so workers started before
+    install() carry contexts too.
+    """
+    context = getattr(thread_result, "asl_gevent_context", None)
+    if context is not None:
+        current = getcurrent()
+        self.__dict__[_WORKER_CONTEXT] = current.gr_context
+        current.gr_context = context
+    _orig_before_run_task(self, func, args, kwargs, thread_result, *rest)
+
+
+def _after_run_task(self: Any, func: Any, args: Any, kwargs: Any, thread_result: Any,
+                    *rest: Any) -> None:
+    """gevent's own clean-up, then back to the worker's own context."""
+    try:
+        _orig_after_run_task(self, func, args, kwargs, thread_result, *rest)
+    finally:
+        if _WORKER_CONTEXT in self.__dict__:
+            getcurrent().gr_context = self.__dict__.pop(_WORKER_CONTEXT)
 
 
 # -- gevent.baseserver.BaseServer: StreamServer, WSGIServer, gunicorn --------
@@ -254,8 +373,12 @@ _orig_server_do_handle = gevent.baseserver.BaseServer.do_handle
 
 
 def _server_start(self: Any) -> None:
-    """Remember the context the server was started in, for its handlers."""
-    if not isinstance(getcurrent(), _Hub):
+    """Remember the context the server was started in, for its handlers.
+
+    Not when the hub starts it for itself; when it starts it on behalf of a
+    captured context (bound work, a link callback), that context counts.
+    """
+    if not isinstance(getcurrent(), _Hub) or _carried.get():
         self.__dict__[_SERVER_CONTEXT] = _carry(copy_context())
     _orig_server_start(self)
 
@@ -270,6 +393,17 @@ def _server_do_handle(self: Any, *args: Any) -> Any:
     if context is None:
         return _orig_server_do_handle(self, *args)
     return context.copy().run(_orig_server_do_handle, self, *args)
+
+
+_orig_server_close = gevent.baseserver.BaseServer.close
+
+
+def _server_close(self: Any) -> None:
+    """Let go of the start-time context: a stopped server holds no request."""
+    try:
+        _orig_server_close(self)
+    finally:
+        self.__dict__.pop(_SERVER_CONTEXT, None)
 
 
 # -- gevent.pywsgi keep-alive: several requests in one greenlet ---------------
@@ -339,10 +473,18 @@ def install() -> None:
     _patch(gevent.hub, "spawn_raw", _spawn_raw)
     _patch(Greenlet, "rawlink", _rawlink)
     _patch(concurrent.futures.thread.ThreadPoolExecutor, "submit", _executor_submit)
-    _patch(gevent.threadpool.ThreadPool, "spawn", _threadpool_spawn)
     _patch(gevent.baseserver.BaseServer, "start", _server_start)
     _patch(gevent.baseserver.BaseServer, "do_handle", _server_do_handle)
     _patch(gevent.pywsgi.WSGIHandler, "handle_one_request", _wsgi_handle_one_request)
+    # -- links/hardening (issue 8, points 1-4, 10, 11): the links branch's
+    # hooks, self-contained above; the integrator may move this block into
+    # the install branch's registry as it is.
+    _patch(AbstractLinkable, "rawlink", _linkable_rawlink)
+    _patch(gevent.threadpool, "ThreadResult", _ThreadResult)
+    _patch(_Worker, "_before_run_task", _before_run_task)
+    _patch(_Worker, "_after_run_task", _after_run_task)
+    _patch(gevent.baseserver.BaseServer, "close", _server_close)
+    # -- end links/hardening
 
 
 def uninstall() -> None:
