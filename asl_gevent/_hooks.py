@@ -338,7 +338,7 @@ class _ThreadResult(_orig_thread_result):  # type: ignore[misc,valid-type]
 
 
 def _before_run_task(self: Any, func: Any, args: Any, kwargs: Any, thread_result: Any,
-                     *rest: Any) -> None:
+                     *rest: Any, **options: Any) -> None:
     """Enter the task's context in the worker, then gevent's own set-up.
 
     The worker (a raw greenlet at the bottom of its OS thread, in no
@@ -352,14 +352,14 @@ def _before_run_task(self: Any, func: Any, args: Any, kwargs: Any, thread_result
         current = getcurrent()
         self.__dict__[_WORKER_CONTEXT] = current.gr_context
         current.gr_context = context
-    _orig_before_run_task(self, func, args, kwargs, thread_result, *rest)
+    _orig_before_run_task(self, func, args, kwargs, thread_result, *rest, **options)
 
 
 def _after_run_task(self: Any, func: Any, args: Any, kwargs: Any, thread_result: Any,
-                    *rest: Any) -> None:
+                    *rest: Any, **options: Any) -> None:
     """gevent's own clean-up, then back to the worker's own context."""
     try:
-        _orig_after_run_task(self, func, args, kwargs, thread_result, *rest)
+        _orig_after_run_task(self, func, args, kwargs, thread_result, *rest, **options)
     finally:
         if _WORKER_CONTEXT in self.__dict__:
             getcurrent().gr_context = self.__dict__.pop(_WORKER_CONTEXT)
