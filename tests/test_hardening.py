@@ -372,11 +372,11 @@ def test_greenlet_switch_and_gevent_methods_stay_unwrapped(als: AsyncLocalStorag
     assert _is_bookkeeping(group._discard)  # gevent.pool, pure Python
     assert _is_bookkeeping(gevent.get_hub().switch)  # compiled gevent method
     assert not _is_bookkeeping(print)
-    assert not _is_bookkeeping([].append)
+    assert not _is_bookkeeping([0].append)
     assert not _is_bookkeeping(functools.partial(print))
-    assert not _is_bookkeeping((x for x in ()).send)
+    assert not _is_bookkeeping((x for x in "").send)
 
-    class MyGroup(gevent.pool.Group):
+    class MyGroup(gevent.pool.Group):  # type: ignore[misc]
         def on_done(self, _g: Any) -> None:
             pass
 
@@ -552,7 +552,7 @@ def test_greenlet_finishing_after_uninstall_drops_its_context(
 
 
 def _recording_pool(calls: List[Tuple[str, Any, Any, Any]]) -> gevent.threadpool.ThreadPool:
-    class Worker(gevent.threadpool.ThreadPool._WorkerGreenlet):  # type: ignore[name-defined,misc]
+    class Worker(gevent.threadpool.ThreadPool._WorkerGreenlet):  # type: ignore[misc]
         def _before_run_task(self, func: Any, args: Any, kwargs: Any, *rest: Any) -> None:
             calls.append(("before", func, args, kwargs))
             super()._before_run_task(func, args, kwargs, *rest)
@@ -561,7 +561,7 @@ def _recording_pool(calls: List[Tuple[str, Any, Any, Any]]) -> gevent.threadpool
             calls.append(("after", func, args, kwargs))
             super()._after_run_task(func, args, kwargs, *rest)
 
-    class Pool(gevent.threadpool.ThreadPool):
+    class Pool(gevent.threadpool.ThreadPool):  # type: ignore[misc]
         _WorkerGreenlet = Worker
 
     return Pool(1)
@@ -593,8 +593,11 @@ def test_threadpool_error_report_names_the_users_function(als: AsyncLocalStorage
     reports: List[Any] = []
     try:
         with hub_exception_stream() as stream:
-            hub.handle_error = lambda context, *exc: (  # type: ignore[method-assign]
-                reports.append(context), hub.print_exception(context, *exc))
+            def handle_error(context: Any, *exc_info: Any) -> None:
+                reports.append(context)
+                hub.print_exception(context, *exc_info)
+
+            hub.handle_error = handle_error
             result = als.run("request", pool.spawn, failing_task, "boom")
             with pytest.raises(ValueError, match="boom"):
                 result.get(timeout=5)
