@@ -29,12 +29,12 @@ greenlet's context)
 The hub is not a request. Code the hub runs for itself (loop callbacks,
 timers) may set context variables in the hub's own context; greenlets the hub
 spawns must not copy that, so they get an empty context -- unless the hub is
-running code *on behalf of* a captured context (a server accepting for the
-context it was started in, a ``rawlink`` callback, a function from ``bind``,
-``snapshot`` or ``AsyncResource``, an ``als.run``), which we mark with
-:data:`_carried`. The mark is set once, where the context is captured
-(:func:`capture_context`), so running the captured work costs nothing more;
-only ``run()`` called *in* the hub sets it per call.
+running code *on behalf of* a context (:func:`_hub_carries`): a server
+accepting for the context it was started in, a link callback, a function
+from ``bind``, ``snapshot`` or ``AsyncResource``, or an ``als.run`` the hub
+calls. Captured contexts are marked once, where they are captured
+(:data:`_carried`, :func:`capture_context`), so running them costs nothing
+more; ``run()`` is recognised without any mark, so it costs nothing either.
 
 :func:`uninstall` puts every patched attribute back as it was.
 """
@@ -47,7 +47,7 @@ import ctypes
 import gc
 from contextvars import Context, ContextVar, copy_context
 from types import MethodType
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 import gevent
 import gevent.baseserver
@@ -62,8 +62,10 @@ __all__ = ["install", "uninstall", "is_installed"]
 
 _Hub = gevent.hub.Hub
 
-#: True in a context that the hub runs code for on purpose (see module doc).
-_carried: ContextVar[bool] = ContextVar("asl_gevent.carried", default=False)
+#: Set where a context is captured for later: True when the hub may run (and
+#: spawn) code for it, False when the hub captured it for itself; unset
+#: elsewhere (see :func:`_hub_carries`).
+_carried: ContextVar[Optional[bool]] = ContextVar("asl_gevent.carried", default=None)
 
 #: ``(owner, name, original, owner_had_it_in_its_own_dict)`` for each patch.
 _patches: List[Tuple[Any, str, Any, bool]] = []
@@ -77,18 +79,46 @@ def _carry(context: Context) -> Context:
     return context
 
 
+def _noop() -> None:
+    pass
+
+
+def _hub_carries() -> bool:
+    """In the hub: does the current context belong to work it runs for someone?
+
+    A captured context says so itself (:data:`_carried`). An unmarked one is
+    the hub's own unless the hub entered it with :meth:`Context.run`, as
+    ``als.run(store, fn)`` does when a loop callback calls it: the hub's own
+    context is never entered that way (greenlet switches it in), and
+    entering an entered context raises :class:`RuntimeError` (documented
+    for :meth:`Context.run`). Only the hub's spawns and links pay for this
+    check; ``run()`` itself marks nothing and pays nothing.
+    """
+    carried = _carried.get()
+    if carried is not None:
+        return carried
+    context = getcurrent().gr_context
+    if context is None:
+        return False
+    try:
+        context.run(_noop)
+    except RuntimeError:
+        return True  # inside a Context.run: on behalf of that context
+    return False
+
+
 def capture_context() -> Context:
     """``copy_context()`` for work that will run later, maybe in the hub.
 
     ``bind``, ``snapshot`` and ``AsyncResource`` capture here. The copy is
-    marked as carried once, now, so that the hub running the captured work
-    hands its context to what that work spawns and links, at no cost per
-    call. What the hub captures *for itself* (outside any carried context)
-    stays unmarked: the hub is not a request.
+    marked once, now: carried, so that the hub running the captured work
+    hands its context to what that work spawns and links; or, captured by
+    the hub for itself, not carried, as the hub is not a request.
     """
     context = copy_context()
-    if not _carried.get() and not isinstance(getcurrent(), _Hub):
-        context.run(_carried.set, True)
+    if _carried.get() is not True:
+        carried = not isinstance(getcurrent(), _Hub) or _hub_carries()
+        context.run(_carried.set, carried)
     return context
 
 
@@ -104,7 +134,7 @@ def _on_spawn(glet: greenlet) -> None:
     starts (SQLAlchemy's asyncio bridge and greenback do this) is left alone.
     """
     if glet.gr_context is None:
-        if not isinstance(getcurrent(), _Hub) or _carried.get():
+        if not isinstance(getcurrent(), _Hub) or _hub_carries():
             glet.gr_context = copy_context()
         else:
             glet.gr_context = Context()
@@ -200,30 +230,46 @@ _SPAWNED_LINK_TYPES = frozenset(
     if isinstance(cls, type) and issubclass(cls, SpawnedLink))
 
 
+#: Functions gevent defines that were seen as link callbacks' ``__func__``
+#: (``Group._discard``, ``wait``/``iwait``'s waiter...): only gevent's own,
+#: which live as long as gevent does, so this set keeps nothing of the
+#: user's alive. A set lookup is what makes ``gevent.wait`` and
+#: ``Pool.spawn`` cheap; it is capped in case gevent ever made such
+#: functions per call.
+_gevent_functions: Set[Any] = set()
+_GEVENT_FUNCTIONS_MAX = 1024
+
+
 def _is_bookkeeping(callback: Any) -> bool:
     """True for gevent's own link callbacks, recognised by what they are.
 
     * A greenlet's C-level ``switch``/``throw``: ``join()``, ``get()``,
       ``wait()`` resume the waiting greenlet, which runs in *its* context.
+      (greenlet's own C methods are the only C code bound to a greenlet:
+      gevent's ``Greenlet`` methods and those of a user's subclass, Python
+      or Cython, are bound methods. Checking the name too would cost a new
+      string per ``join()``.)
     * A method whose function gevent defines (``Group._discard``, a
       ``Waiter``'s or ``wait``/``iwait``'s ``switch``, compiled or not),
-      also when inherited by a subclass.
+      also when a user's subclass inherits it.
 
     Anything else is wrapped, C code included: a user's Cython or mypyc
-    function, a ``list.append`` or a generator's ``send`` may call back
-    into Python that reads a store. Nothing here is cached, so no class or
-    function is kept alive by being looked at.
+    function, a ``list.append`` or a generator's ``send`` may call back into
+    Python that reads a store. No class is looked at, so none is kept alive.
     """
     kind = type(callback)
-    if kind is _CFunction:
-        # greenlet's own C methods (switch, throw) are the only C code bound
-        # to a greenlet: gevent's Greenlet methods and those of a user's
-        # subclass (Python or Cython) are bound methods, checked below.
-        # Checking the name too would cost a string per join().
-        return isinstance(callback.__self__, greenlet)
     if kind is MethodType:
-        module = getattr(callback.__func__, "__module__", None)
-        return type(module) is str and module.startswith("gevent.")
+        function = callback.__func__
+        if function in _gevent_functions:
+            return True
+        module = getattr(function, "__module__", None)
+        if type(module) is str and module.startswith("gevent."):
+            if len(_gevent_functions) < _GEVENT_FUNCTIONS_MAX:
+                _gevent_functions.add(function)
+            return True
+        return False
+    if kind is _CFunction:
+        return isinstance(callback.__self__, greenlet)
     return False
 
 
@@ -260,10 +306,17 @@ def _rawlink(self: Greenlet, callback: Any) -> None:
     # Every join()/get() comes here with a greenlet's C-level ``switch``: it
     # is recognised inline, before anything else is looked at (spawn + join
     # is the hottest path this hook sits on; SPEC allows it 5%).
-    if not (type(callback) is _CFunction and isinstance(callback.__self__, greenlet)):
-        if (callable(callback) and not _is_bookkeeping(callback)
-                and (not isinstance(getcurrent(), _Hub) or _carried.get())):
-            callback = _in_link_context(callback)
+    kind = type(callback)
+    if kind is _CFunction:
+        if isinstance(callback.__self__, greenlet):
+            _orig_rawlink(self, callback)
+            return
+    elif kind is MethodType and callback.__func__ in _gevent_functions:
+        _orig_rawlink(self, callback)  # Pool/Group's _discard
+        return
+    if (callable(callback) and not _is_bookkeeping(callback)
+            and (not isinstance(getcurrent(), _Hub) or _hub_carries())):
+        callback = _in_link_context(callback)
     _orig_rawlink(self, callback)
 
 
@@ -281,8 +334,11 @@ def _linkable_rawlink(self: Any, callback: Any) -> None:
     implementation and never come here; ``gevent.wait``/``iwait``/``joinall``
     do, with a waiter's method that :func:`_is_bookkeeping` passes through.
     """
+    if type(callback) is MethodType and callback.__func__ in _gevent_functions:
+        _orig_linkable_rawlink(self, callback)  # wait/iwait/joinall's waiter
+        return
     if (callable(callback) and not _is_bookkeeping(callback)
-            and (not isinstance(getcurrent(), _Hub) or _carried.get())):
+            and (not isinstance(getcurrent(), _Hub) or _hub_carries())):
         callback = _in_link_context(callback)
     _orig_linkable_rawlink(self, callback)
 
@@ -378,7 +434,7 @@ def _server_start(self: Any) -> None:
     Not when the hub starts it for itself; when it starts it on behalf of a
     captured context (bound work, a link callback), that context counts.
     """
-    if not isinstance(getcurrent(), _Hub) or _carried.get():
+    if not isinstance(getcurrent(), _Hub) or _hub_carries():
         self.__dict__[_SERVER_CONTEXT] = _carry(copy_context())
     _orig_server_start(self)
 

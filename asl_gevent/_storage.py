@@ -31,7 +31,7 @@ from typing import Any, Callable, Generic, Optional, TypeVar
 from greenlet import getcurrent
 
 from ._context import bound_to, call_in, check_callable, in_context
-from ._hooks import _carried, _Hub, capture_context, install_on_first_use
+from ._hooks import capture_context, install_on_first_use
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -207,10 +207,6 @@ class AsyncLocalStorage(Generic[T]):
         # from about 2.6x to 1.5x a hand-written token set/reset (CPython
         # 3.11, python -m asl_gevent.bench; SPEC asks for at most 2x).
         context.run(_set_var, self._var, store)
-        if isinstance(getcurrent(), _Hub):
-            # The hub runs this on behalf of *store*: what fn spawns and links
-            # gets its context (see _hooks). Only here, not per run() elsewhere.
-            context.run(_set_var, _carried, True)
         result = context.run(fn, *args, **kwargs) if args or kwargs else context.run(fn)
         if type(result) is CoroutineType:
             return in_context(context, result)  # type: ignore[arg-type,return-value]
