@@ -405,6 +405,9 @@ def _before_run_task(self: Any, func: Any, args: Any, kwargs: Any, thread_result
     """
     context = getattr(thread_result, "asl_gevent_context", None)
     if context is not None:
+        # From here the worker holds the context, and lets go of it in
+        # _after_run_task, however long gevent keeps the ThreadResult.
+        thread_result.asl_gevent_context = None
         current = getcurrent()
         self.__dict__[_WORKER_CONTEXT] = current.gr_context
         current.gr_context = context
