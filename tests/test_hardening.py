@@ -489,6 +489,25 @@ def test_shared_spawned_link_runs_in_each_links_context(als: AsyncLocalStorage[A
     assert not third.has_links()
 
 
+def test_user_spawned_link_subclass_keeps_its_state(als: AsyncLocalStorage[Any]) -> None:
+    """A user's SpawnedLink subclass with state of its own: the link that runs
+    is a copy with the same state, in the link-time context."""
+    seen: List[Tuple[Any, str]] = []
+
+    class TaggedLink(SpawnedLink):  # type: ignore[misc]
+        def __init__(self, callback: Callable[[Any], None], tag: str) -> None:
+            SpawnedLink.__init__(self, callback)
+            self.tag = tag
+
+    link = TaggedLink(lambda _source: seen.append((als.get_store(), link.tag)), "tag")
+    g = gevent.spawn(lambda: None)
+    als.run("request", g.rawlink, link)
+    g.join()
+    gevent.sleep(0.01)
+    assert seen == [("request", "tag")]
+    assert not isinstance(link.callback, _LinkInContext)
+
+
 # -- 10. nothing retains a store, nor a class ------------------------------------------
 
 
