@@ -12,10 +12,15 @@ path                                          hook
 pools, groups, patched threads, subclasses)   callback)
 ``gevent.spawn_raw``                          :func:`_spawn_raw`
 ``Greenlet.link*``/``rawlink`` callbacks      :func:`_rawlink`
+``Event``/``AsyncResult``/semaphore           :func:`_linkable_rawlink`
+``rawlink`` callbacks
 ``ThreadPoolExecutor.submit``/``map``         :func:`_executor_submit`
-``gevent.threadpool.ThreadPool.spawn``        :func:`_threadpool_spawn`
+``gevent.threadpool.ThreadPool`` tasks        :func:`_thread_result_class`,
+                                              :func:`_before_run_task`,
+                                              :func:`_after_run_task`
 ``BaseServer`` handlers (StreamServer, WSGI)  :func:`_server_start`,
-                                              :func:`_server_do_handle`
+                                              :func:`_server_do_handle`,
+                                              :func:`_server_close`
 ``pywsgi`` keep-alive requests                :func:`_wsgi_handle_one_request`
 ``Greenlet.run`` (drops a finished            :func:`_greenlet_run`
 greenlet's context)
@@ -24,9 +29,12 @@ greenlet's context)
 The hub is not a request. Code the hub runs for itself (loop callbacks,
 timers) may set context variables in the hub's own context; greenlets the hub
 spawns must not copy that, so they get an empty context -- unless the hub is
-running code *on behalf of* a captured context (a server accepting for the
-context it was started in, a ``rawlink`` callback), which we mark with
-:data:`_carried`.
+running code *on behalf of* a context (:func:`_hub_carries`): a server
+accepting for the context it was started in, a link callback, a function
+from ``bind``, ``snapshot`` or ``AsyncResource``, or an ``als.run`` the hub
+calls. Captured contexts are marked once, where they are captured
+(:data:`_carried`, :func:`capture_context`), so running them costs nothing
+more; ``run()`` is recognised without any mark, so it costs nothing either.
 
 :func:`uninstall` puts every patched attribute back as it was, unless
 another library has wrapped it since (see :func:`_restore`).
@@ -40,17 +48,19 @@ so importing this package imports none of them.
 from __future__ import annotations
 
 import _thread
+import copy
 import gc
 import os
 import sys
 import warnings
 from contextvars import Context, ContextVar, copy_context
 from types import MethodType, ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import gevent
 import gevent.hub
 import gevent.greenlet
+from gevent._abstract_linkable import AbstractLinkable
 from gevent.greenlet import SpawnedLink
 from greenlet import getcurrent, greenlet
 
@@ -151,10 +161,12 @@ if not _state.fork_handler and hasattr(os, "register_at_fork"):
     _state.fork_handler = True  # once per process, reloads included
     os.register_at_fork(after_in_child=_new_lock_after_fork)
 
-#: True in a context that the hub runs code for on purpose (see module doc).
-#: Kept across a reload too: contexts captured before it hold this variable.
-_carried: ContextVar[bool] = (
-    globals().get("_carried") or ContextVar("asl_gevent.carried", default=False))
+#: Set where a context is captured for later: True when the hub may run (and
+#: spawn) code for it, False when the hub captured it for itself; unset
+#: elsewhere (see :func:`_hub_carries`). Kept across a reload: contexts
+#: captured before it hold this variable.
+_carried: ContextVar[Optional[bool]] = (
+    globals().get("_carried") or ContextVar("asl_gevent.carried", default=None))
 
 #: ``fn(glet)`` run after ours for ``spawn_raw``, which skips gevent's spawn
 #: callbacks (``asl_gevent._detach`` adds one while a ``detached()`` block is active).
@@ -171,6 +183,49 @@ def _carry(context: Context) -> Context:
     return context
 
 
+def _noop() -> None:
+    pass
+
+
+def _hub_carries() -> bool:
+    """In the hub: does the current context belong to work it runs for someone?
+
+    A captured context says so itself (:data:`_carried`). An unmarked one is
+    the hub's own unless the hub entered it with :meth:`Context.run`, as
+    ``als.run(store, fn)`` does when a loop callback calls it: the hub's own
+    context is never entered that way (greenlet switches it in), and
+    entering an entered context raises :class:`RuntimeError` (documented
+    for :meth:`Context.run`). Only the hub's spawns and links pay for this
+    check; ``run()`` itself marks nothing and pays nothing.
+    """
+    carried = _carried.get()
+    if carried is not None:
+        return carried
+    context = getcurrent().gr_context
+    if context is None:
+        return False
+    try:
+        context.run(_noop)
+    except RuntimeError:
+        return True  # inside a Context.run: on behalf of that context
+    return False
+
+
+def capture_context() -> Context:
+    """``copy_context()`` for work that will run later, maybe in the hub.
+
+    ``bind``, ``snapshot`` and ``AsyncResource`` capture here. The copy is
+    marked once, now: carried, so that the hub running the captured work
+    hands its context to what that work spawns and links; or, captured by
+    the hub for itself, not carried, as the hub is not a request.
+    """
+    context = copy_context()
+    if _carried.get() is not True:
+        carried = not isinstance(getcurrent(), _Hub) or _hub_carries()
+        context.run(_carried.set, carried)
+    return context
+
+
 # -- Greenlet.start(): spawn, spawn_later, Pool/Group, patched threads --------
 
 
@@ -183,7 +238,7 @@ def _on_spawn(glet: greenlet) -> None:
     starts (SQLAlchemy's asyncio bridge and greenback do this) is left alone.
     """
     if glet.gr_context is None:
-        if not isinstance(getcurrent(), _Hub) or _carried.get():
+        if not isinstance(getcurrent(), _Hub) or _hub_carries():
             glet.gr_context = copy_context()
         else:
             glet.gr_context = Context()
@@ -211,7 +266,10 @@ def _greenlet_run(self: Greenlet) -> None:
     try:
         _orig_greenlet_run(self)
     finally:
-        if type(self).run is _greenlet_run:
+        # ``Greenlet.run`` rather than ``_greenlet_run``: a greenlet that
+        # finishes after uninstall() still lets go (the class then holds the
+        # original again, and a subclass that overrides run holds neither).
+        if type(self).run is Greenlet.run:
             self.gr_context = None
 
 
@@ -235,10 +293,14 @@ _spawn_raw.__doc__ = gevent.hub.spawn_raw.__doc__
 
 
 class _LinkInContext:
-    """A link callback that runs in the context captured at ``link()`` time.
+    """A link callback that runs in the context captured at ``rawlink()`` time.
 
-    Compares and hashes like the callback it wraps, so ``unlink(callback)``
-    still finds it (gevent removes links with ``list.remove``).
+    ``unlink(callback)`` removes what ``rawlink(callback)`` added: gevent
+    removes links with ``list.remove``, which asks each link ``link ==
+    callback``. This compares by identity first and only then, as gevent
+    would have, with the callback's own ``==``; it never looks inside the
+    argument (a ``Mock`` or any handler with a ``callback`` attribute is
+    compared as itself).
     """
 
     __slots__ = ("callback", "_context")
@@ -248,13 +310,16 @@ class _LinkInContext:
         self._context = context
 
     def __call__(self, source: Any) -> Any:
-        # Called once (gevent pops a link before calling it), in the hub for a
-        # rawlink or in a fresh raw greenlet for link(): a copy per call keeps
-        # the captured context enterable even if the callback blocks.
+        # Called in the hub (rawlink) or in a fresh raw greenlet (link()): a
+        # copy per call keeps the captured context enterable even if the
+        # callback blocks or is called again (Event links, re-linked waiters).
         return self._context.copy().run(self.callback, source)
 
     def __eq__(self, other: object) -> bool:
-        return bool(self.callback == getattr(other, "callback", other))
+        callback = self.callback
+        if other is callback or other is self:
+            return True  # identity decides: the callback's __eq__ is not asked
+        return bool(callback == other)
 
     def __hash__(self) -> int:
         return hash(self.callback)
@@ -265,54 +330,122 @@ class _LinkInContext:
 
 _orig_rawlink: Callable[[Greenlet, Any], None]
 _CFunction = type(getcurrent().switch)  # builtin_function_or_method
+_SPAWNED_LINK_TYPES = frozenset(
+    cls for cls in vars(gevent.greenlet).values()
+    if isinstance(cls, type) and issubclass(cls, SpawnedLink))
 
 
-#: Whether a class is gevent's own (``Group``, ``Waiter``, ``IMap``...), by class.
-_gevent_classes: Dict[type, bool] = {}
+#: Functions gevent defines that were seen as link callbacks' ``__func__``
+#: (``Group._discard``, ``wait``/``iwait``'s waiter...): only gevent's own,
+#: which live as long as gevent does, so this set keeps nothing of the
+#: user's alive. A set lookup is what makes ``gevent.wait`` and
+#: ``Pool.spawn`` cheap; it is capped in case gevent ever made such
+#: functions per call.
+_gevent_functions: Set[Any] = set()
+_GEVENT_FUNCTIONS_MAX = 1024
 
 
 def _is_bookkeeping(callback: Any) -> bool:
-    """True for gevent's own link callbacks, which read no context.
+    """True for gevent's own link callbacks, recognised by what they are.
 
-    ``join()``/``get()`` link the waiting greenlet's C-level ``switch`` (which
-    resumes that greenlet in *its* context); ``Pool``/``Group`` link their
-    ``_discard``, ``wait``/``iwait``/``imap`` a waiter's method. Wrapping them
-    would only cost time on every join and every pool spawn. A method of a
-    user's ``Greenlet`` subclass is not bookkeeping: it is wrapped.
+    * A greenlet's C-level ``switch``/``throw``: ``join()``, ``get()``,
+      ``wait()`` resume the waiting greenlet, which runs in *its* context.
+      (greenlet's own C methods are the only C code bound to a greenlet:
+      gevent's ``Greenlet`` methods and those of a user's subclass, Python
+      or Cython, are bound methods. Checking the name too would cost a new
+      string per ``join()``.)
+    * A method whose function gevent defines (``Group._discard``, a
+      ``Waiter``'s or ``wait``/``iwait``'s ``switch``, compiled or not),
+      also when a user's subclass inherits it.
+
+    Anything else is wrapped, C code included: a user's Cython or mypyc
+    function, a ``list.append`` or a generator's ``send`` may call back into
+    Python that reads a store. No class is looked at, so none is kept alive.
     """
-    if type(callback) is _CFunction:
-        return True  # C code runs nothing that could read a store
-    if type(callback) is not MethodType:
+    kind = type(callback)
+    if kind is MethodType:
+        function = callback.__func__
+        if function in _gevent_functions:
+            return True
+        module = getattr(function, "__module__", None)
+        if type(module) is str and module.startswith("gevent."):
+            if len(_gevent_functions) < _GEVENT_FUNCTIONS_MAX:
+                _gevent_functions.add(function)
+            return True
         return False
-    cls = type(callback.__self__)
-    owned = _gevent_classes.get(cls)
-    if owned is None:
-        owned = _gevent_classes[cls] = cls.__module__.startswith("gevent.")
-    return owned
+    if kind is _CFunction:
+        return isinstance(callback.__self__, greenlet)
+    return False
+
+
+def _in_link_context(callback: Any) -> Any:
+    """What ``rawlink`` should register for *callback*, linked from here.
+
+    A ``SpawnedLink`` (what ``link``/``link_value``/``link_exception`` pass)
+    runs its callback in a new raw greenlet, which would start empty: we
+    register a *new* link of the same kind around a wrapped callback, never
+    touching the caller's object, so one ``SpawnedLink`` linked from two
+    requests runs each time in that link's own context.
+    """
+    if isinstance(callback, SpawnedLink):
+        inner = callback.callback
+        if isinstance(inner, _LinkInContext) or _is_bookkeeping(inner):
+            return callback
+        wrapped = _LinkInContext(inner, copy_context())
+        cls = type(callback)
+        if cls in _SPAWNED_LINK_TYPES:
+            return cls(wrapped)
+        link = copy.copy(callback)  # a user subclass: keep its other state
+        link.callback = wrapped
+        return link
+    if isinstance(callback, _LinkInContext):
+        return callback  # re-linked by gevent (semaphore's unswitched waiters)
+    return _LinkInContext(callback, _carry(copy_context()))
 
 
 def _rawlink(self: Greenlet, callback: Any) -> None:
     """``Greenlet.rawlink`` that remembers the context current at link time.
 
-    ``link``, ``link_value`` and ``link_exception`` wrap the callback in a
-    ``SpawnedLink`` and come here too. A ``SpawnedLink`` runs its callback in
-    a new raw greenlet, which would start empty, so we wrap its (public,
-    writable) ``callback`` rather than the link itself.
+    ``link``, ``link_value`` and ``link_exception`` come here too.
     """
-    # Every join()/get() comes here with a greenlet's C-level ``switch``: a
-    # C callable runs no Python code that could read a store, so it is passed
-    # straight through before anything else is looked at (spawn + join is the
-    # hottest path this hook sits on; SPEC allows it 5%).
-    if (type(callback) is not _CFunction and not _is_bookkeeping(callback)
-            and callable(callback)
-            and (not isinstance(getcurrent(), _Hub) or _carried.get())):
-        if isinstance(callback, SpawnedLink):
-            inner = callback.callback
-            if not isinstance(inner, _LinkInContext) and not _is_bookkeeping(inner):
-                callback.callback = _LinkInContext(inner, copy_context())
-        elif not isinstance(callback, _LinkInContext):
-            callback = _LinkInContext(callback, _carry(copy_context()))
+    # Every join()/get() comes here with a greenlet's C-level ``switch``: it
+    # is recognised inline, before anything else is looked at (spawn + join
+    # is the hottest path this hook sits on; SPEC allows it 5%).
+    kind = type(callback)
+    if kind is _CFunction:
+        if isinstance(callback.__self__, greenlet):
+            _orig_rawlink(self, callback)
+            return
+    elif kind is MethodType and callback.__func__ in _gevent_functions:
+        _orig_rawlink(self, callback)  # Pool/Group's _discard
+        return
+    if (callable(callback) and not _is_bookkeeping(callback)
+            and (not isinstance(getcurrent(), _Hub) or _hub_carries())):
+        callback = _in_link_context(callback)
     _orig_rawlink(self, callback)
+
+
+# -- Event / AsyncResult / Semaphore / BoundedSemaphore rawlink ---------------
+
+_orig_linkable_rawlink: Callable[[Any, Any], None]
+
+
+def _linkable_rawlink(self: Any, callback: Any) -> None:
+    """``AbstractLinkable.rawlink``: callbacks run in their link-time context.
+
+    ``Event``, ``AsyncResult``, ``Semaphore`` and ``BoundedSemaphore`` share
+    this (compiled) base. Their own waits (``wait()``, ``get()``,
+    ``acquire()``) link from compiled code straight to the base's C
+    implementation and never come here; ``gevent.wait``/``iwait``/``joinall``
+    do, with a waiter's method that :func:`_is_bookkeeping` passes through.
+    """
+    if type(callback) is MethodType and callback.__func__ in _gevent_functions:
+        _orig_linkable_rawlink(self, callback)  # wait/iwait/joinall's waiter
+        return
+    if (callable(callback) and not _is_bookkeeping(callback)
+            and (not isinstance(getcurrent(), _Hub) or _hub_carries())):
+        callback = _in_link_context(callback)
+    _orig_linkable_rawlink(self, callback)
 
 
 # -- concurrent.futures.ThreadPoolExecutor (real or patched threads) ---------
@@ -339,16 +472,67 @@ def _executor_submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs:
 
 # -- gevent.threadpool.ThreadPool (real OS threads) --------------------------
 
-_orig_threadpool_spawn: Callable[..., Any]
+_orig_thread_result: type
+_orig_before_run_task: Callable[..., None]
+_orig_after_run_task: Callable[..., None]
+#: Where a worker keeps its own context while it runs a task.
+_WORKER_CONTEXT = "_asl_gevent_worker_context"
 
 
-def _threadpool_spawn(self: Any, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run the task in the worker thread inside a copy of the caller's context.
+def _thread_result_class(original: type) -> type:
+    """gevent's per-task ``ThreadResult``, plus the spawning caller's context.
 
-    ``apply``, ``apply_async``, ``map``, ``imap`` and gevent's own
-    ``ThreadPoolExecutor`` all come through ``spawn``.
+    ``ThreadPool.spawn`` (which ``apply``, ``apply_async``, ``map``, ``imap``
+    and gevent's ``ThreadPoolExecutor`` use) makes one in the caller's
+    greenlet, so this is where the caller's context is at hand. Carrying it
+    here, rather than wrapping the task in ``Context.run``, lets the worker's
+    hooks (``_before_run_task``/``_after_run_task``, profilers, tracers) and
+    gevent's error reports see the user's own function and arguments. Built
+    by install() from the class it replaces (a registry row with
+    ``make=True``), so gevent.threadpool need not be imported before.
     """
-    return _orig_threadpool_spawn(self, copy_context().run, func, *args, **kwargs)
+
+    class _ThreadResult(original):  # type: ignore[misc]
+        __slots__ = ("asl_gevent_context",)
+
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            self.asl_gevent_context = copy_context()
+
+    _ThreadResult.__doc__ = _thread_result_class.__doc__
+    _ThreadResult.__module__ = __name__
+    return _ThreadResult
+
+
+def _before_run_task(self: Any, func: Any, args: Any, kwargs: Any, thread_result: Any,
+                     *rest: Any, **options: Any) -> None:
+    """Enter the task's context in the worker, then gevent's own set-up.
+
+    The worker (a raw greenlet at the bottom of its OS thread, in no
+    ``Context.run``) swaps its ``gr_context``, which greenlet (>= 1.0)
+    allows on the running greenlet; :func:`_after_run_task` swaps it back.
+    Looked up by the worker for every task, so workers started before
+    install() carry contexts too.
+    """
+    context = getattr(thread_result, "asl_gevent_context", None)
+    if context is not None:
+        # From here the worker holds the context, and lets go of it in
+        # _after_run_task, however long gevent keeps the ThreadResult.
+        thread_result.asl_gevent_context = None
+        current = getcurrent()
+        self.__dict__[_WORKER_CONTEXT] = current.gr_context
+        current.gr_context = context
+    _orig_before_run_task(self, func, args, kwargs, thread_result, *rest, **options)
+
+
+def _after_run_task(self: Any, func: Any, args: Any, kwargs: Any, thread_result: Any,
+                    *rest: Any, **options: Any) -> None:
+    """gevent's own clean-up, then back to the worker's own context."""
+    try:
+        _orig_after_run_task(self, func, args, kwargs, thread_result, *rest, **options)
+    finally:
+        if _WORKER_CONTEXT in self.__dict__:
+            getcurrent().gr_context = self.__dict__.pop(_WORKER_CONTEXT)
 
 
 # -- gevent.baseserver.BaseServer: StreamServer, WSGIServer, gunicorn --------
@@ -359,8 +543,12 @@ _orig_server_do_handle: Callable[..., Any]
 
 
 def _server_start(self: Any) -> None:
-    """Remember the context the server was started in, for its handlers."""
-    if not isinstance(getcurrent(), _Hub):
+    """Remember the context the server was started in, for its handlers.
+
+    Not when the hub starts it for itself; when it starts it on behalf of a
+    captured context (bound work, a link callback), that context counts.
+    """
+    if not isinstance(getcurrent(), _Hub) or _hub_carries():
         self.__dict__[_SERVER_CONTEXT] = _carry(copy_context())
     _orig_server_start(self)
 
@@ -375,6 +563,17 @@ def _server_do_handle(self: Any, *args: Any) -> Any:
     if context is None:
         return _orig_server_do_handle(self, *args)
     return context.copy().run(_orig_server_do_handle, self, *args)
+
+
+_orig_server_close: Callable[[Any], None]
+
+
+def _server_close(self: Any) -> None:
+    """Let go of the start-time context: a stopped server holds no request."""
+    try:
+        _orig_server_close(self)
+    finally:
+        self.__dict__.pop(_SERVER_CONTEXT, None)
 
 
 # -- gevent.pywsgi keep-alive: several requests in one greenlet ---------------
@@ -397,8 +596,8 @@ def _wsgi_handle_one_request(self: Any) -> Any:
 class _Path:
     """One hooked attribute: ``<module>.<owner>.<name>`` becomes *hook*.
 
-    *owner* is the name of a class in *module* ("" for the module itself) or
-    the class itself. *original* names the module global through which the
+    *owner* is the (dotted) name of a class in *module* ("" for the module
+    itself) or the class itself. *original* names the module global through which the
     hook calls what it replaced; :func:`install` binds it (originals are
     captured when the hooks go in, not when this module is imported, so a
     wrapper another library put there first keeps being called). With
@@ -430,13 +629,20 @@ _PATHS: Tuple[_Path, ...] = (
     _Path("gevent", "", "spawn_raw", _spawn_raw, "_orig_spawn_raw"),
     _Path("concurrent.futures.thread", "ThreadPoolExecutor", "submit", _executor_submit,
           "_orig_submit"),
-    _Path("gevent.threadpool", "ThreadPool", "spawn", _threadpool_spawn,
-          "_orig_threadpool_spawn"),
     _Path("gevent.baseserver", "BaseServer", "start", _server_start, "_orig_server_start"),
     _Path("gevent.baseserver", "BaseServer", "do_handle", _server_do_handle,
           "_orig_server_do_handle"),
     _Path("gevent.pywsgi", "WSGIHandler", "handle_one_request", _wsgi_handle_one_request,
           "_orig_handle_one_request"),
+    _Path("gevent._abstract_linkable", AbstractLinkable, "rawlink", _linkable_rawlink,
+          "_orig_linkable_rawlink"),
+    _Path("gevent.threadpool", "", "ThreadResult", _thread_result_class,
+          "_orig_thread_result", make=True),
+    _Path("gevent.threadpool", "ThreadPool._WorkerGreenlet", "_before_run_task",
+          _before_run_task, "_orig_before_run_task"),
+    _Path("gevent.threadpool", "ThreadPool._WorkerGreenlet", "_after_run_task",
+          _after_run_task, "_orig_after_run_task"),
+    _Path("gevent.baseserver", "BaseServer", "close", _server_close, "_orig_server_close"),
 )
 
 _BY_MODULE: Dict[str, Tuple[_Path, ...]] = {}
@@ -492,7 +698,10 @@ def _set_attribute(owner: Any, name: str, value: Any) -> None:
 def _owner_of(row: _Path, module: ModuleType) -> Any:
     if not isinstance(row.owner, str):
         return row.owner
-    return getattr(module, row.owner) if row.owner else module
+    owner: Any = module
+    for name in filter(None, row.owner.split(".")):  # "ThreadPool._WorkerGreenlet"
+        owner = getattr(owner, name)
+    return owner
 
 
 def _apply(row: _Path, module: ModuleType) -> None:

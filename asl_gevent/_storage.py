@@ -31,7 +31,7 @@ from typing import Any, Callable, Generic, Optional, TypeVar
 from greenlet import getcurrent
 
 from ._context import bound_to, call_in, check_callable, in_context
-from ._hooks import install_on_first_use
+from ._hooks import capture_context, install_on_first_use
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,7 +49,7 @@ def bind(fn: Callable[..., R]) -> Callable[..., R]:
     greenlets or threads at once; what *fn* changes is gone when it returns.
     """
     check_callable(fn, "AsyncLocalStorage.bind()")
-    return bound_to(copy_context(), fn)
+    return bound_to(capture_context(), fn)
 
 
 def snapshot() -> Callable[..., Any]:
@@ -58,7 +58,7 @@ def snapshot() -> Callable[..., Any]:
     ``runner`` calls *fn* in a copy of the captured context, like a function
     made by :func:`bind` that takes the function as its first argument.
     """
-    captured = copy_context()
+    captured = capture_context()
 
     def runner(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         check_callable(fn, "AsyncLocalStorage.snapshot() runner")

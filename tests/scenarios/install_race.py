@@ -17,6 +17,7 @@ import gevent.baseserver
 import gevent.hub
 import gevent.pywsgi
 import gevent.threadpool
+from gevent._abstract_linkable import AbstractLinkable
 from gevent.greenlet import Greenlet
 
 import asl_gevent
@@ -26,13 +27,16 @@ ROUNDS = int(sys.argv[1]) if sys.argv[1:] else 200
 sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows
 
 
+WORKER = gevent.threadpool.ThreadPool._WorkerGreenlet
+SERVER = gevent.baseserver.BaseServer
+
+
 def attributes():
-    return [vars(Greenlet)["run"], vars(Greenlet)["rawlink"], gevent.spawn_raw,
-            gevent.hub.spawn_raw, vars(concurrent.futures.ThreadPoolExecutor)["submit"],
-            vars(gevent.threadpool.ThreadPool)["spawn"],
-            vars(gevent.baseserver.BaseServer)["start"],
-            vars(gevent.baseserver.BaseServer)["do_handle"],
-            vars(gevent.pywsgi.WSGIHandler)["handle_one_request"]]
+    return [Greenlet.run, Greenlet.rawlink, gevent.spawn_raw, gevent.hub.spawn_raw,
+            concurrent.futures.ThreadPoolExecutor.submit, AbstractLinkable.rawlink,
+            gevent.threadpool.ThreadResult, WORKER._before_run_task, WORKER._after_run_task,
+            SERVER.start, SERVER.do_handle, SERVER.close,
+            gevent.pywsgi.WSGIHandler.handle_one_request]
 
 
 def forget_first_use():

@@ -29,7 +29,8 @@ def attributes():
         "run": vars(GREENLET)["run"], "rawlink": vars(GREENLET)["rawlink"],
         "spawn_raw": (gevent.spawn_raw, gevent.hub.spawn_raw),
         "submit": vars(concurrent.futures.ThreadPoolExecutor)["submit"],
-        "threadpool": vars(gevent.threadpool.ThreadPool)["spawn"],
+        "threadpool": (gevent.threadpool.ThreadResult,
+                       gevent.threadpool.ThreadPool._WorkerGreenlet._before_run_task),
         "server": vars(gevent.baseserver.BaseServer)["start"],
     }
 
