@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from contextvars import ContextVar, copy_context
 from types import CoroutineType
-from typing import Any, Callable, Generic, Optional, TypeVar
+from typing import Any, Callable, Generic, List, Optional, TypeVar
+from weakref import WeakSet
 
 from greenlet import getcurrent
 
@@ -38,7 +39,19 @@ R = TypeVar("R")
 
 _set_var = ContextVar.set
 
-__all__ = ["AsyncLocalStorage", "bind", "snapshot"]
+__all__ = ["AsyncLocalStorage", "bind", "snapshot", "named_storages"]
+
+# Storages made with a name, for the cross-process integrations
+# (asl_gevent.celery sends the stores of named storages and restores them by
+# name in the worker). Weak: registering a storage never keeps it alive. All
+# of them, not one per name: a library or a test may make a second storage
+# with a name in use, and that must not hide the first one's stores.
+_NAMED: "WeakSet[AsyncLocalStorage[Any]]" = WeakSet()
+
+
+def named_storages() -> List["AsyncLocalStorage[Any]"]:
+    """A snapshot of the live storages made with a non-empty ``name``."""
+    return list(_NAMED)
 
 
 def bind(fn: Callable[..., R]) -> Callable[..., R]:
@@ -147,6 +160,8 @@ class AsyncLocalStorage(Generic[T]):
         self._default = default
         self._var: ContextVar[Any]
         self._new_var()
+        if name:
+            _NAMED.add(self)
         install_on_first_use()
 
     def _new_var(self) -> None:

@@ -56,7 +56,9 @@ def test_integrations_are_not_imported_by_the_package() -> None:
         print(sorted(m for m in sys.modules
                      if m.startswith(('asl_gevent.wsgi', 'asl_gevent.gunicorn',
                                       'asl_gevent.logfilter', 'asl_gevent.bench', 'gunicorn',
-                                      'asl_gevent.debug', 'asl_gevent._watch'))))
+                                      'asl_gevent.debug', 'asl_gevent._watch',
+                                      'asl_gevent.http', 'asl_gevent.celery', 'celery',
+                                      'requests', 'urllib3'))))
     """)
     assert proc.stdout.strip() == "[]"
 
@@ -67,6 +69,11 @@ def test_integration_modules_import() -> None:
                  "asl_gevent.debug"):
         importlib.import_module(name)
     assert hasattr(sys.modules["asl_gevent.gunicorn"], "GeventWorker")
+    http = importlib.import_module("asl_gevent.http")
+    assert all(callable(getattr(http, name)) for name in ("install", "uninstall"))
+    celery = importlib.import_module("asl_gevent.celery")
+    assert callable(celery.install)
+    assert celery.task_storage.get_store() is None
 
 
 def test_py_typed_is_shipped() -> None:

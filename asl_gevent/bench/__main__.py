@@ -7,11 +7,12 @@ import sys
 from contextvars import copy_context
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ._core import Figures, Options, Row, machine, table
+from ._core import SKIPPED, Figures, Options, Row, machine, table
 from .imports import import_rows
 from .memory import memory_main, memory_rows
 from .micro import get_store_rows, run_rows, spawn_rows
 from .servers import client_main, wsgi_rows
+from .xproc import xproc_rows
 
 __all__ = ["FIGURES", "NAMES", "main"]
 
@@ -29,6 +30,7 @@ FIGURES: List[Tuple[Tuple[str, ...], Figures]] = [
     (("wsgi/gunicorn", "wsgi/gunicorn_cpu", "wsgi/leak_watch", "wsgi/leak_watch_cpu",
       "wsgi/pywsgi", "wsgi/pywsgi_cpu"), wsgi_rows),
     (("memory/rss", "memory/blocks", "memory/stores"), memory_rows),
+    (("http/requests_get", "celery/solo"), xproc_rows),
 ]
 NAMES = [name for names, _ in FIGURES for name in names]
 
@@ -136,6 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for row in noisy:
         print(f"noisy: {row.name}: min {row.ratio_min:.3f} meets {row.target}, "
               f"median {row.ratio_median:.3f} does not")
+    for skipped in SKIPPED:
+        print(skipped)
     for failure in failures:
         print(f"FAILED TO MEASURE: {failure}")
     if not (misses or noisy or failures):
