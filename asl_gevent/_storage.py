@@ -178,7 +178,13 @@ class AsyncLocalStorage(Generic[T]):
             f"asl_gevent.AsyncLocalStorage<{label}>", default=self._default
         )
         self._var = var
-        self.get_store = self.getStore = var.get  # type: ignore[method-assign]
+        # Only where the class's own method would do exactly the same: a
+        # subclass that overrides get_store (or getStore) keeps its override.
+        cls = type(self)
+        if cls.get_store is _get_store:
+            self.get_store = var.get  # type: ignore[method-assign]
+            if cls.getStore is _get_store_alias:
+                self.getStore = var.get  # type: ignore[method-assign]
 
     @property
     def name(self) -> str:
@@ -196,8 +202,17 @@ class AsyncLocalStorage(Generic[T]):
     # -- reading ---------------------------------------------------------------
 
     def get_store(self) -> Optional[T]:  # replaced per instance by ContextVar.get
-        """Return the current store, or :attr:`default` when there is none."""
-        return self._var.get()  # type: ignore[no-any-return]  # pragma: no cover
+        """Return the current store, or :attr:`default` when there is none.
+
+        A subclass may override it; :meth:`getStore` then calls the override.
+        A reference taken before :meth:`disable` (``read = als.get_store``)
+        keeps reading the stores of before it: look ``get_store`` up again.
+        """
+        return self._var.get()  # type: ignore[no-any-return]
+
+    def getStore(self) -> Optional[T]:  # noqa: N802 - Node's name; replaced per instance too
+        """Node's name for :meth:`get_store` (calls a subclass's override)."""
+        return self.get_store()
 
     # -- entering --------------------------------------------------------------
 
@@ -270,6 +285,9 @@ class AsyncLocalStorage(Generic[T]):
 
     # -- camelCase aliases for code ported from Node -----------------------------
 
-    getStore = get_store  # noqa: N815 - Node's name; replaced per instance too
     enterWith = enter_with  # noqa: N815 - Node's name
 
+
+# The methods _new_var() may shadow per instance with the variable's own get.
+_get_store = AsyncLocalStorage.get_store
+_get_store_alias = AsyncLocalStorage.getStore

@@ -157,11 +157,14 @@ class RequestContextMiddleware:
 
     A list or tuple response is returned as is (iterating it runs no app code,
     and servers use ``len()`` on it). A ``wsgi.file_wrapper`` response is
-    returned as is too, so the server keeps its ``sendfile`` fast path; its
-    ``close`` is rebound to run in the request's context where the wrapper
-    allows it (gunicorn's and wsgiref's do). Anything else is wrapped in an
-    iterable that runs each ``next()`` and ``close()`` in the request's
-    context.
+    returned as is too (the very object, whether ``wsgi.file_wrapper`` is a
+    class as in gunicorn or a function as in uWSGI), so the server keeps its
+    ``sendfile`` fast path; its ``close`` is rebound to run in the request's
+    context where the wrapper allows it (gunicorn's and wsgiref's do). A
+    result that is not iterable (gunicorn's ``ALREADY_HANDLED`` sentinel, for
+    an app that took over the socket) is returned as is. Anything else is
+    wrapped in an iterable that runs each ``next()`` and ``close()`` in the
+    request's context.
 
     :raises TypeError: if *app* or *store_factory* is not callable, *storage*
         (or an item of *baggage*) is not an :class:`~asl_gevent.AsyncLocalStorage`
@@ -270,13 +273,30 @@ class RequestContextMiddleware:
 
         if self.echo_header and request_id is not None:
             start_response = self._echoing(start_response, request_id)
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        wrapped: Optional[List[Any]] = None
+        if file_wrapper is not None and not isinstance(file_wrapper, type):
+            # PEP 3333 only says it is a callable (uWSGI's is a function): to
+            # know its results we watch what the app makes with it.
+            wrapped = []
+            environ["wsgi.file_wrapper"] = _watching(file_wrapper, wrapped)
         result = context.run(self.app, environ, start_response)
 
         if type(result) is list or type(result) is tuple:
             return result
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
-            _rebind_close(result, context)
+        if wrapped is None:
+            if file_wrapper is not None and isinstance(result, file_wrapper):
+                _rebind_close(result, context)
+                return result  # type: ignore[no-any-return]  # file_wrapper is Any
+        else:
+            environ["wsgi.file_wrapper"] = file_wrapper
+            if any(made is result for made in wrapped):
+                _rebind_close(result, context)
+                return result
+        if not hasattr(type(result), "__iter__"):
+            # Not a response body: a server's sentinel such as gunicorn's
+            # ALREADY_HANDLED (the app took over the socket), which the server
+            # recognises by identity. Wrapping it would hide it.
             return result
         return _ResponseInContext(result, context)
 
@@ -295,6 +315,16 @@ class RequestContextMiddleware:
             return start_response(status, headers, exc_info)
 
         return echoing_start_response
+
+
+def _watching(file_wrapper: Callable[..., Any], made: List[Any]) -> Callable[..., Any]:
+    """*file_wrapper* that appends each object it returns to *made*."""
+    def watched_file_wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = file_wrapper(*args, **kwargs)
+        made.append(result)
+        return result
+
+    return watched_file_wrapper
 
 
 def _check_baggage(baggage: Any, where: str) -> Tuple[AsyncLocalStorage[Any], ...]:

@@ -8,6 +8,7 @@ from contextvars import copy_context
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._core import SKIPPED, Figures, Options, Row, machine, table
+from .imports import import_rows
 from .memory import memory_main, memory_rows
 from .micro import get_store_rows, run_rows, spawn_rows
 from .servers import client_main, wsgi_rows
@@ -25,6 +26,7 @@ FIGURES: List[Tuple[Tuple[str, ...], Figures]] = [
       "spawn/contextvars_100"),
      spawn_rows),
     (("run/token_wrapper",), run_rows),
+    (("import/asl_gevent",), import_rows),
     (("wsgi/gunicorn", "wsgi/gunicorn_cpu", "wsgi/leak_watch", "wsgi/leak_watch_cpu",
       "wsgi/pywsgi", "wsgi/pywsgi_cpu"), wsgi_rows),
     (("memory/rss", "memory/blocks", "memory/stores"), memory_rows),
