@@ -41,8 +41,8 @@ another library has wrapped it since (see :func:`_restore`).
 
 Each row of :data:`_PATHS` names one attribute and its hook; a hook calls
 what it replaced through an ``_orig_*`` global that :func:`install` binds.
-A module not imported yet is patched when it is (:class:`_PatchOnImport`),
-so importing this package imports none of them.
+A module not imported yet is patched when it is (:mod:`asl_gevent._imports`
+calls :func:`_patch_imported`), so importing this package imports none of them.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ import gevent.greenlet
 from gevent._abstract_linkable import AbstractLinkable
 from gevent.greenlet import SpawnedLink
 from greenlet import getcurrent, greenlet
+
+from ._imports import cancel_when_imported, when_imported
 
 __all__ = ["install", "uninstall", "is_installed"]
 
@@ -113,7 +115,9 @@ class _State:
         #: The ``_orig_*`` globals bound by the current installation.
         self.bound: Dict[str, Any] = {}
         self.spawn_callback: Optional[Callable[[Any], None]] = None
-        self.finder: Optional[_PatchOnImport] = None
+        #: ``(module name, callback)`` given to :func:`._imports.when_imported`:
+        #: a copy of this module imported afresh cancels the old one's.
+        self.watching: List[Tuple[str, Callable[[ModuleType], None]]] = []
         #: ``(owner, name) -> value`` that uninstall found set over our hook
         #: (by another library, after install) and so left in place.
         self.left: Dict[Tuple[Any, str], Any] = {}
@@ -620,7 +624,7 @@ class _Path:
 
 
 #: Every hooked attribute, in the order they go in. A module that is not
-#: imported yet is patched right after it is (see :class:`_PatchOnImport`),
+#: imported yet is patched right after it is (see :func:`_patch_imported`),
 #: so ``import asl_gevent`` imports none of them.
 _PATHS: Tuple[_Path, ...] = (
     _Path("gevent.greenlet", Greenlet, "run", _greenlet_run, "_orig_greenlet_run"),
@@ -777,60 +781,11 @@ def _loaded(name: str) -> Optional[ModuleType]:
 # -- hooking modules imported after install() ---------------------------------
 
 
-class _PatchAfterExec:
-    """A module's loader, for one import: runs the module, then patches it."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-
-    def create_module(self, spec: Any) -> Any:
-        create = getattr(self.loader, "create_module", None)
-        return None if create is None else create(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        try:
-            self.loader.exec_module(module)
-        finally:
-            # Nothing else should ever see this wrapper (reload, get_source).
-            if module.__spec__ is not None:
-                module.__spec__.loader = self.loader
-            module.__loader__ = self.loader
-        _patch_imported(module)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "loader":  # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-
-class _PatchOnImport:
-    """``sys.meta_path`` finder: hooks a watched module once it is imported.
-
-    Costs one dict lookup per import of any other module. For a watched one
-    it asks the finders after it for the spec and wraps its loader.
-    """
-
-    __asl_gevent_finder__ = True
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname not in _BY_MODULE:
-            return None
-        for finder in sys.meta_path:
-            if getattr(finder, "__asl_gevent_finder__", False):
-                continue  # this one, or one from before a reload
-            find_spec = getattr(finder, "find_spec", None)
-            spec = None if find_spec is None else find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _PatchAfterExec(spec.loader)
-        return spec
-
-
 def _patch_imported(module: ModuleType) -> None:
-    """Hook a watched module that was just imported; never raise into the import."""
+    """Hook a watched module that was just imported (see :mod:`asl_gevent._imports`).
+
+    A failure leaves that module as it was, with one warning.
+    """
     with _state.lock:
         if not _state.installed:
             return
@@ -852,12 +807,8 @@ def _uninstall_locked() -> None:
         _state.companions_on = False
         for companion in _companions:
             companion(False)
-    finder, _state.finder = _state.finder, None
-    if finder is not None:
-        try:
-            sys.meta_path.remove(finder)
-        except ValueError:  # someone replaced sys.meta_path
-            pass
+    while _state.watching:
+        cancel_when_imported(*_state.watching.pop())
     callback, _state.spawn_callback = _state.spawn_callback, None
     if callback is not None:
         Greenlet.remove_spawn_callback(callback)
@@ -884,8 +835,9 @@ def install() -> None:
             return
         try:
             if any(name not in sys.modules for name in _BY_MODULE):
-                finder = _state.finder = _PatchOnImport()
-                sys.meta_path.insert(0, finder)
+                for name in _BY_MODULE:
+                    _state.watching.append((name, _patch_imported))
+                    when_imported(name, _patch_imported)
             for row in _PATHS:
                 module = _loaded(row.module)
                 if module is not None:
