@@ -56,6 +56,7 @@ from greenlet import getcurrent, greenlet
 
 from . import _hooks
 from ._context import call_in, check_callable
+from ._imports import cancel_when_imported, when_imported
 
 R = TypeVar("R")
 
@@ -314,8 +315,7 @@ def detach_starter(target: str) -> bool:
         module = sys.modules.get(module_name)
         if module is not None:
             return _mark_now(target, module, parts)
-        _wanted.setdefault(module_name, set()).add(target)
-        _ensure_finder()
+        _want(module_name, target)
         return False
 
 
@@ -333,11 +333,7 @@ def undetach_starter(target: str) -> None:
     with _marks_lock:
         if target in KNOWN_STARTERS:
             _kept_attached.add(target)
-        wanted = _wanted.get(module_name)
-        if wanted is not None:
-            wanted.discard(target)
-            if not wanted:
-                del _wanted[module_name]
+        _unwant(module_name, target)
         _unmark(target)
 
 
@@ -354,68 +350,29 @@ def _unmark(target: str) -> None:
 # -- marking modules as they are imported -------------------------------------
 
 
-# Duck-typed rather than subclassing importlib.abc: importing that module
-# costs about 20 ms (CPython 3.11), more than SPEC's whole import budget.
+def _want(module_name: str, target: str) -> None:
+    """Mark *target* once *module_name* is imported. ``_marks_lock`` held."""
+    if module_name not in _wanted:
+        when_imported(module_name, _mark_wanted)
+    _wanted.setdefault(module_name, set()).add(target)
 
 
-class _MarkingLoader:
-    """Runs the real loader, then marks the module's wanted starters."""
-
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: Any) -> Optional[ModuleType]:
-        return self._loader.create_module(spec)  # type: ignore[no-any-return]
-
-    def exec_module(self, module: ModuleType) -> None:
-        # Put the real loader back first: tools (importlib.resources,
-        # inspect, pkgutil) look at it, and we are done after this call.
-        module.__loader__ = self._loader
-        if module.__spec__ is not None:
-            module.__spec__.loader = self._loader
-        self._loader.exec_module(module)
-        with _marks_lock:
-            for target in sorted(_wanted.pop(module.__name__, ())):
-                _mark_now(target, module, _split(target, "detach_starter()")[1])
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
+def _unwant(module_name: str, target: str) -> None:
+    """Stop waiting to mark *target*. ``_marks_lock`` held."""
+    wanted = _wanted.get(module_name)
+    if wanted is not None:
+        wanted.discard(target)
+        if not wanted:
+            del _wanted[module_name]
+            cancel_when_imported(module_name, _mark_wanted)
 
 
-class _MarkingFinder:
-    """A meta path finder that only answers for modules with wanted starters.
-
-    It finds nothing itself: it asks the finders after it and wraps the
-    loader. For every other import it costs one dict lookup.
-    """
-
-    def find_spec(self, fullname: str, path: Optional[Sequence[str]],
-                  target: Optional[ModuleType] = None) -> Any:
-        if fullname not in _wanted:
-            return None
-        finders: List[Any] = list(sys.meta_path)
-        try:
-            after = finders[finders.index(self) + 1:]
-        except ValueError:
-            return None
-        for finder in after:
-            find_spec = getattr(finder, "find_spec", None)
-            if find_spec is None:
-                continue
-            spec = find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _MarkingLoader(spec.loader)
-                return spec
-        return None
-
-
-_finder = _MarkingFinder()
-
-
-def _ensure_finder() -> None:
-    if _finder not in sys.meta_path:
-        sys.meta_path.insert(0, _finder)
+def _mark_wanted(module: ModuleType) -> None:
+    """Mark the wanted starters of *module*, which was just imported."""
+    with _marks_lock:
+        cancel_when_imported(module.__name__, _mark_wanted)
+        for target in sorted(_wanted.pop(module.__name__, ())):
+            _mark_now(target, module, _split(target, "detach_starter()")[1])
 
 
 # -- the known starters follow install()/uninstall() --------------------------
@@ -432,15 +389,8 @@ def _known_starters(installing: bool) -> None:
             if installing:
                 detach_starter(target)
             else:
-                module_name, _ = _split(target, "undetach_starter()")
-                wanted = _wanted.get(module_name)
-                if wanted is not None:
-                    wanted.discard(target)
-                    if not wanted:
-                        del _wanted[module_name]
+                _unwant(_split(target, "undetach_starter()")[0], target)
                 _unmark(target)
-        if not installing and not _wanted and _finder in sys.meta_path:
-            sys.meta_path.remove(_finder)
 
 
 _hooks._companions.append(_known_starters)

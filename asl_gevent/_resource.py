@@ -19,7 +19,7 @@ import builtins
 from typing import Any, Callable, TypeVar
 
 from ._context import bound_to, call_in, check_callable
-from ._hooks import capture_context
+from ._paths import capture_context
 
 R = TypeVar("R")
 

@@ -2,7 +2,7 @@
 
 Each storage owns one :class:`~contextvars.ContextVar`; the store lives in the
 current :class:`~contextvars.Context`, which greenlet (>= 1.0) keeps per
-greenlet and asyncio per task. The hooks in :mod:`asl_gevent._hooks` give every
+greenlet and asyncio per task. The hooks in :mod:`asl_gevent._paths` give every
 spawned greenlet a *copy* of its spawner's context, so a store set in
 :meth:`~AsyncLocalStorage.run` follows the work it starts and nothing else:
 
@@ -32,7 +32,8 @@ from weakref import WeakSet
 from greenlet import getcurrent
 
 from ._context import bound_to, call_in, check_callable, in_context
-from ._hooks import capture_context, install_on_first_use
+from ._hooks import install_on_first_use
+from ._paths import capture_context
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -42,7 +42,7 @@ from gevent.lock import BoundedSemaphore, Semaphore
 
 import asl_gevent
 from asl_gevent import AsyncLocalStorage, AsyncResource
-from asl_gevent._hooks import _LinkInContext
+from asl_gevent._paths import _LinkInContext
 from helpers import hub_exception_stream
 
 REQUESTS = 50
@@ -363,7 +363,7 @@ def test_c_callback_sees_link_time_store(method: str, als: AsyncLocalStorage[Any
 
 def test_greenlet_switch_and_gevent_methods_stay_unwrapped(als: AsyncLocalStorage[Any]) -> None:
     """gevent's bookkeeping is recognised by what it is."""
-    from asl_gevent._hooks import _is_bookkeeping
+    from asl_gevent._paths import _is_bookkeeping
 
     g = Greenlet(gevent.sleep)
     group = gevent.pool.Group()

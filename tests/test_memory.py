@@ -11,7 +11,7 @@ What we found while writing these (greenlet 3.5.6, gevent 26.9.0):
 * greenlet keeps ``gr_context`` on a *dead* greenlet. A finished ``Greenlet``
   that the program still holds (a list of jobs, a result holder) kept its
   request's stores alive. The hooks now clear it when ``Greenlet.run`` ends
-  (see ``_hooks._greenlet_run``); a raw greenlet, a greenlet killed before it
+  (see ``_paths._greenlet_run``); a raw greenlet, a greenlet killed before it
   started and a subclass that overrides ``run`` still keep theirs until they
   are dropped.
 * A greenlet that was just joined is still referenced by the hub for one
