@@ -161,7 +161,8 @@ def test_matrix_with_every_module_imported_after_the_hooks(mode: List[str]) -> N
     ["asl_gevent._hooks", "asl_gevent._hooks"],
     ["asl_gevent", "asl_gevent._storage", "asl_gevent._context", "asl_gevent._resource",
      "asl_gevent.wsgi", "asl_gevent._hooks"],
-], ids=["hooks", "hooks-twice", "every-module"])
+    ["asl_gevent._paths", "asl_gevent._imports", "asl_gevent._detach", "asl_gevent._hooks"],
+], ids=["hooks", "hooks-twice", "every-module", "paths-imports-detach"])
 def test_reload_while_installed_keeps_hooks_working_and_removable(modules: List[str]) -> None:
     """Reloading asl_gevent modules while installed: no hook calls itself
     (spawn, link, spawn_raw, executor, ThreadPool, StreamServer all still
