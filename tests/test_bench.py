@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import pytest
 
-from asl_gevent.bench import NAMES
+from asl_gevent.bench.__main__ import NAMES
 from helpers import ROOT
 
 MARKS = {"PASS", "pass*", "MISS", "-"}
