@@ -124,3 +124,24 @@ def test_bad_options_exit_2_with_a_clear_message(args: tuple[str, ...], message:
     assert proc.returncode == 2
     assert re.search(message, proc.stderr), proc.stderr
     assert "|" not in proc.stdout
+
+
+def test_figures_without_gunicorn_fail_with_one_clear_line() -> None:
+    """Without gunicorn, ``--only wsgi/gunicorn(_cpu)`` names the two gunicorn
+    figures (comma-separated, not run together) and how to install it, and
+    exits 1; no server is started. ``sys.modules['gunicorn'] = None`` makes
+    the import fail here as it would where gunicorn is not installed."""
+    source = ("import sys; sys.modules['gunicorn'] = None\n"
+              "from asl_gevent.bench.__main__ import main\n"
+              "sys.exit(main(['--quick', '--only', 'wsgi/gunicorn', '--only', 'wsgi/gunicorn_cpu']))\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=str(ROOT))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    assert failed == [
+        f"FAILED TO MEASURE: wsgi/gunicorn, wsgi/gunicorn_cpu: gunicorn is not installed "
+        f"in {sys.executable}; install it with pip install 'asl_gevent[gunicorn]', "
+        f"or leave these figures out"], proc.stdout
+    assert "gunicorn not installed" in proc.stdout  # the machine line says so too

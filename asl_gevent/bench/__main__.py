@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ._core import Figures, Options, Row, machine, table
 from .memory import memory_main, memory_rows
 from .micro import get_store_rows, run_rows, spawn_rows
-from .servers import client_main, wsgi_rows
+from .servers import FigureUnavailable, client_main, wsgi_rows
 
 __all__ = ["FIGURES", "NAMES", "main"]
 
@@ -109,10 +109,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         print(f"measuring {', '.join(n for n in names if wanted(n))} ...", file=sys.stderr,
               flush=True)
+        measured: List[Row] = []
+
+        def measure() -> None:
+            # Row by row: rows measured before a figure fails are still shown.
+            measured.extend(figures(opts, wanted))
+
         try:
-            rows.extend(copy_context().run(lambda: list(figures(opts, wanted))))
+            copy_context().run(measure)
+        except FigureUnavailable as exc:  # names its figures and the fix itself
+            failures.append(str(exc))
         except Exception as exc:  # a broken figure must not hide the others
-            failures.append(f"{'/'.join(names)}: {type(exc).__name__}: {exc}")
+            failing = ", ".join(n for n in names if wanted(n) and n not in
+                                {row.name for row in measured})
+            failures.append(f"{failing}: {type(exc).__name__}: {exc}")
+        rows.extend(measured)
     print()
     print("\n".join(table(rows)))
     print()

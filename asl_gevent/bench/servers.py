@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import select
@@ -17,7 +18,8 @@ from ._core import Options, Processes, Row, Target, free_port, output_of, wait_l
 
 # -- WSGI servers under load ---------------------------------------------------------
 
-__all__ = ["hello_app", "plain_app", "middleware_app", "wsgi_rows", "client_main"]
+__all__ = ["hello_app", "plain_app", "middleware_app", "wsgi_rows", "client_main",
+           "FigureUnavailable"]
 
 
 def hello_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> List[bytes]:
@@ -157,9 +159,18 @@ def wsgi_rows(opts: Options, wanted: Callable[[str], bool]) -> Iterator[Row]:
          lambda port: [sys.executable, "-c", _PYWSGI_SERVER, str(port), "plain"],
          lambda port: [sys.executable, "-c", _PYWSGI_SERVER, str(port), "asl"]),
     ]
+    unavailable: List[str] = []
     for name, what, base_argv, subj_argv in servers:
         cpu_name = name + "_cpu"
         if not (wanted(name) or wanted(cpu_name)):
+            continue
+        if name == "wsgi/gunicorn" and importlib.util.find_spec("gunicorn") is None:
+            # Say so in one line and go on with pywsgi, rather than fail later
+            # with the server's "No module named gunicorn" under every figure.
+            figures = ", ".join(n for n in (name, cpu_name) if wanted(n))
+            unavailable.append(
+                f"{figures}: gunicorn is not installed in {sys.executable}; install "
+                "it with pip install 'asl_gevent[gunicorn]', or leave these figures out")
             continue
         procs = Processes()
         try:
@@ -187,6 +198,12 @@ def wsgi_rows(opts: Options, wanted: Callable[[str], bool]) -> Iterator[Row]:
             yield Row(cpu_name, what + " (req per server CPU-s)", "req/CPU-s",
                       base_load.cpu_rates, subj_load.cpu_rates, target,
                       higher_is_better=True, note=note)
+    if unavailable:
+        raise FigureUnavailable("; ".join(unavailable))
+
+
+class FigureUnavailable(RuntimeError):
+    """A figure cannot be measured here; the message says why and what to do."""
 
 
 def client_main() -> None:
