@@ -44,7 +44,8 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
 
 from ._storage import AsyncLocalStorage
 
-__all__ = ["RequestContextMiddleware", "request_storage", "get_request_id", "request_id_from"]
+__all__ = ["RequestContextMiddleware", "request_storage", "get_request_id", "request_id_from",
+           "ENVIRON_KEY"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ R = TypeVar("R")
 #: the one :func:`get_request_id` and :class:`asl_gevent.logfilter.StoreFilter`
 #: read by default.
 request_storage: AsyncLocalStorage[Dict[str, Any]] = AsyncLocalStorage(name="request")
+
+#: The WSGI environ key under which :class:`RequestContextMiddleware` leaves
+#: the request's id (``%({asl_gevent.request_id}e)s`` in gunicorn's
+#: ``access_log_format``).
+ENVIRON_KEY = "asl_gevent.request_id"
 
 # Ids come from clients and end up in logs and response headers: bound their
 # length and allow only characters that are harmless in both (no spaces, no
@@ -154,6 +160,12 @@ class RequestContextMiddleware:
     characters, CR/LF) is replaced by a generated ``uuid4().hex`` and never
     echoed.
 
+    The id (when there is one that passes the id rules, as for the echo) is
+    also put in the WSGI environ as ``environ["asl_gevent.request_id"]``, so
+    that code running outside the request's context can still log it, e.g.
+    gunicorn's access log with ``%({asl_gevent.request_id}e)s`` in
+    ``access_log_format``.
+
     The store is shared by reference between the request and the greenlets it
     spawns (as in Node); the context *binding* is per request, so nothing a
     request sets is visible to the next one on the same connection.
@@ -171,6 +183,8 @@ class RequestContextMiddleware:
     :raises ValueError: if *header* is not a valid header name.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       The id is also left in ``environ["asl_gevent.request_id"]``.
     """
 
     def __init__(
@@ -247,6 +261,11 @@ class RequestContextMiddleware:
             if request_id is not None and _ID_RE.fullmatch(request_id) is None:
                 request_id = None
         context.run(self.storage.enter_with, store)
+        if request_id is not None:
+            # For what runs outside the request's context and sees the
+            # environ: gunicorn's access log (it logs after the app, from its
+            # own loop), server logging, error pages.
+            environ[ENVIRON_KEY] = request_id
 
         if self.echo_header and request_id is not None:
             # A partial, not a closure made by a method: no Python frame and
