@@ -102,7 +102,7 @@ def test_wheel_holds_the_package_typed_and_licensed_and_no_tests(
     package = sorted(n for n in names if not n.startswith(dist_info))
     assert package == _source_files("asl_gevent")
     assert "asl_gevent/py.typed" in package
-    assert not [n for n in names if n.startswith(("tests/", "examples/"))]
+    assert not [n for n in names if n.startswith(("tests/", "examples/", "tools/"))]
     assert "MIT License" in licence_text and "the asl_gevent authors" in licence_text
     assert metadata["Requires-Python"] == ">=3.10"
     assert metadata["Name"] == "asl_gevent"
@@ -117,7 +117,7 @@ def test_sdist_holds_everything_the_tests_need(dists: Dict[str, Path]) -> None:
     """Every test module, helper, conftest, scenario and example of this
     checkout, the package, and the top-level files are in the sdist."""
     names = set(_sdist_names(dists["sdist"]))
-    needed = [*SDIST_TOP_FILES, *_source_files("asl_gevent", "tests", "examples")]
+    needed = [*SDIST_TOP_FILES, *_source_files("asl_gevent", "tests", "examples", "tools")]
     for name in ("tests/conftest.py", "tests/helpers.py", "tests/matrix.py",
                  "tests/gunicorn_app.py", "examples/request_logger.py"):
         assert name in needed  # the checkout itself has them: the list is not empty
