@@ -72,3 +72,22 @@ def test_without_the_hooks_a_spawned_greenlet_has_no_request() -> None:
     assert seen["spawned"].startswith("RuntimeError: Working outside of request context")
     assert seen["copied"] == "b@example.org"  # the copied value needs no context
     assert seen["late"] is None
+
+
+def test_flask_test_client_with_the_middleware_on_wsgi_app() -> None:
+    """The README's "Testing your app" recipe for Flask: wrap ``app.wsgi_app``
+    and the test client's requests get the middleware's store, which reaches
+    a spawned greenlet, per request."""
+    from asl_gevent.wsgi import RequestContextMiddleware, get_request_id
+
+    app = Flask("tests.test_flask")
+
+    @app.get("/")
+    def index() -> str:
+        return str(gevent.spawn(get_request_id).get(timeout=10))
+
+    app.wsgi_app = RequestContextMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    client = app.test_client()
+    for n in range(3):
+        response = client.get("/", headers={"X-Request-ID": f"flask-{n}"})
+        assert (response.text, response.headers["X-Request-ID"]) == (f"flask-{n}", f"flask-{n}")
