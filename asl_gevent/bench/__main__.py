@@ -48,7 +48,8 @@ def _options(args: argparse.Namespace) -> Options:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m asl_gevent.bench",
-        description="Measure asl_gevent against SPEC's targets; print one table of "
+        description="Measure asl_gevent against its performance targets (README, "
+                    "Performance); print one table of "
                     "ratios (subject / baseline, alternated in one run).")
     parser.add_argument("--quick", action="store_true",
                         help="small counts: the whole run in well under a minute")
