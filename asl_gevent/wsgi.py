@@ -37,12 +37,13 @@ import logging
 import os
 import random
 import re
-from contextvars import Context, copy_context
+from contextvars import Context, ContextVar, copy_context
 from functools import partial
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
-                    Optional, Tuple, TypeVar)
+                    Optional, Sequence, Tuple, TypeVar)
 
 from ._storage import AsyncLocalStorage
+from ._watch import LeakWatch, leak_watch_delay
 
 __all__ = ["RequestContextMiddleware", "request_storage", "get_request_id", "request_id_from",
            "ENVIRON_KEY"]
@@ -66,6 +67,12 @@ ENVIRON_KEY = "asl_gevent.request_id"
 # quotes, no control characters, no CR/LF that could split a header).
 _ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+# Set in a request's context only by a middleware with a non-default storage
+# or header (the default costs nothing), so that asl_gevent.http sends the id
+# in the header this service's middleware reads, from the storage it fills.
+_OUTGOING: ContextVar[Tuple[AsyncLocalStorage[Any], str]] = ContextVar(
+    "asl_gevent.wsgi.outgoing")
 
 Headers = List[Tuple[str, str]]
 StartResponse = Callable[..., Any]
@@ -120,6 +127,7 @@ def _id_of(store: object) -> Optional[str]:
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
+
 # The 122 random bits come from a private Mersenne Twister seeded from
 # os.urandom, not from os.urandom per request: a getrandom() system call per
 # id was a third of the middleware's cost (callgrind, CPython 3.11: 6,400
@@ -154,6 +162,12 @@ class RequestContextMiddleware:
         instead of the default ``{"request_id": id}``. The store is then
         yours; if it is a mapping with a ``"request_id"`` (or an object with a
         ``request_id`` attribute) that passes the id rules, it is echoed.
+    :param baggage: named storages to restore from the incoming W3C
+        ``baggage`` header, as :func:`asl_gevent.http.install` sends them: a
+        member ``name=value`` becomes the str store ``value``, members
+        ``name.key=value`` the store ``{key: value, ...}``. Storages with no
+        member keep the store the request started with. Empty by default.
+        New in 0.2.
 
     Incoming ids are used only if they are 1 to 128 characters from
     ``A-Z a-z 0-9 . _ : @ / + = -``; anything else (too long, spaces, control
@@ -172,19 +186,24 @@ class RequestContextMiddleware:
 
     A list or tuple response is returned as is (iterating it runs no app code,
     and servers use ``len()`` on it). A ``wsgi.file_wrapper`` response is
-    returned as is too, so the server keeps its ``sendfile`` fast path; its
-    ``close`` is rebound to run in the request's context where the wrapper
-    allows it (gunicorn's and wsgiref's do). Anything else is wrapped in an
-    iterable that runs each ``next()`` and ``close()`` in the request's
-    context.
+    returned as is too (the very object, whether ``wsgi.file_wrapper`` is a
+    class as in gunicorn or a function as in uWSGI), so the server keeps its
+    ``sendfile`` fast path; its ``close`` is rebound to run in the request's
+    context where the wrapper allows it (gunicorn's and wsgiref's do). A
+    result that is not iterable (gunicorn's ``ALREADY_HANDLED`` sentinel, for
+    an app that took over the socket) is returned as is. Anything else is
+    wrapped in an iterable that runs each ``next()`` and ``close()`` in the
+    request's context.
 
     :raises TypeError: if *app* or *store_factory* is not callable, *storage*
-        is not an :class:`~asl_gevent.AsyncLocalStorage` or *header* not a str.
-    :raises ValueError: if *header* is not a valid header name.
+        (or an item of *baggage*) is not an :class:`~asl_gevent.AsyncLocalStorage`
+        or *header* not a str.
+    :raises ValueError: if *header* is not a valid header name, or a *baggage*
+        storage's name is not a header token.
 
     .. versionadded:: 0.1
-    .. versionchanged:: 0.2
-       The id is also left in ``environ["asl_gevent.request_id"]``.
+    .. versionchanged:: 0.2 the *leak_watch* argument; the id is also left in
+       ``environ["asl_gevent.request_id"]``.
     """
 
     def __init__(
@@ -195,6 +214,8 @@ class RequestContextMiddleware:
         header: str = "X-Request-ID",
         echo_header: bool = True,
         store_factory: Optional[Callable[[Dict[str, Any]], Any]] = None,
+        leak_watch: Optional[float] = None,
+        baggage: Sequence[AsyncLocalStorage[Any]] = (),
     ) -> None:
         if not callable(app):
             raise TypeError(
@@ -233,6 +254,11 @@ class RequestContextMiddleware:
         self.store_factory = store_factory
         self._environ_key = "HTTP_" + header.upper().replace("-", "_")
         self._header_lower = header.lower()
+        delay = leak_watch_delay(leak_watch, "RequestContextMiddleware()")
+        self._watch = LeakWatch(delay) if delay is not None else None
+        self.baggage = _check_baggage(baggage, "RequestContextMiddleware()")
+        self._outgoing = (None if storage is request_storage and self._header_lower == "x-request-id"
+                          else (storage, header))
 
     def __repr__(self) -> str:
         return (f"<RequestContextMiddleware app={self.app!r} "
@@ -244,12 +270,19 @@ class RequestContextMiddleware:
 
     def __call__(self, environ: Dict[str, Any],
                  start_response: StartResponse) -> Iterable[bytes]:
+        if self._watch is not None:
+            return self._watch.call(  # type: ignore[no-any-return]
+                self._serve, environ, start_response, _ResponseInContext)
+        return self._serve(environ, start_response)
+
+    def _serve(self, environ: Dict[str, Any],
+               start_response: StartResponse) -> Iterable[bytes]:
         # A fresh copy of whatever context the server runs us in: what the
         # request sets lives and dies with this copy, whatever the server does
         # between requests on one connection.
         context = copy_context()
         if self.store_factory is None:
-            request_id: Optional[str] = _request_id_from(environ, self._environ_key)
+            request_id: Optional[str] = self.request_id_from(environ)
             store: Any = {"request_id": request_id}
         else:
             store = context.run(self.store_factory, environ)
@@ -266,19 +299,42 @@ class RequestContextMiddleware:
             # environ: gunicorn's access log (it logs after the app, from its
             # own loop), server logging, error pages.
             environ[ENVIRON_KEY] = request_id
+        if self._outgoing is not None:
+            context.run(_OUTGOING.set, self._outgoing)
+        if self.baggage:
+            incoming = environ.get("HTTP_BAGGAGE")
+            if isinstance(incoming, str) and incoming:
+                _restore_baggage(context, self.baggage, incoming)
 
         if self.echo_header and request_id is not None:
             # A partial, not a closure made by a method: no Python frame and
             # no cells per request (callgrind: ~1,900 instructions less).
             start_response = partial(_echoing_start_response, start_response,
                                      self.header, self._header_lower, request_id)
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        wrapped: Optional[List[Any]] = None
+        if file_wrapper is not None and not isinstance(file_wrapper, type):
+            # PEP 3333 only says it is a callable (uWSGI's is a function): to
+            # know its results we watch what the app makes with it.
+            wrapped = []
+            environ["wsgi.file_wrapper"] = _watching(file_wrapper, wrapped)
         result = context.run(self.app, environ, start_response)
 
         if type(result) is list or type(result) is tuple:
             return result
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
-            _rebind_close(result, context)
+        if wrapped is None:
+            if file_wrapper is not None and isinstance(result, file_wrapper):
+                _rebind_close(result, context)
+                return result  # type: ignore[no-any-return]  # file_wrapper is Any
+        else:
+            environ["wsgi.file_wrapper"] = file_wrapper
+            if any(made is result for made in wrapped):
+                _rebind_close(result, context)
+                return result
+        if not hasattr(type(result), "__iter__"):
+            # Not a response body: a server's sentinel such as gunicorn's
+            # ALREADY_HANDLED (the app took over the socket), which the server
+            # recognises by identity. Wrapping it would hide it.
             return result
         return _ResponseInContext(result, context)
 
@@ -297,6 +353,49 @@ def _echoing_start_response(start_response: StartResponse, name: str, lower: str
     if exc_info is None:
         return start_response(status, headers)
     return start_response(status, headers, exc_info)
+
+
+def _watching(file_wrapper: Callable[..., Any], made: List[Any]) -> Callable[..., Any]:
+    """*file_wrapper* that appends each object it returns to *made*."""
+    def watched_file_wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = file_wrapper(*args, **kwargs)
+        made.append(result)
+        return result
+
+    return watched_file_wrapper
+
+
+def _check_baggage(baggage: Any, where: str) -> Tuple[AsyncLocalStorage[Any], ...]:
+    """Validate a ``baggage=`` argument: named storages whose names are tokens."""
+    from ._baggage import TOKEN_RE
+    if isinstance(baggage, (str, AsyncLocalStorage)):
+        raise TypeError(f"{where} argument 'baggage' must be a sequence of "
+                        f"AsyncLocalStorage, not {type(baggage).__name__!r}; "
+                        f"e.g. baggage=[tenant_storage]")
+    try:
+        storages = tuple(baggage)
+    except TypeError:
+        raise TypeError(f"{where} argument 'baggage' must be a sequence of "
+                        f"AsyncLocalStorage, not {type(baggage).__name__!r}") from None
+    for storage in storages:
+        if not isinstance(storage, AsyncLocalStorage):
+            raise TypeError(f"{where} argument 'baggage' must hold AsyncLocalStorage "
+                            f"instances, not {type(storage).__name__!r}")
+        if TOKEN_RE.fullmatch(storage.name) is None:
+            raise ValueError(f"{where} argument 'baggage': {storage!r} needs a name "
+                             f"that is a header token (letters, digits, '-', '_', '.'), "
+                             f"e.g. AsyncLocalStorage(name='tenant')")
+    return storages
+
+
+def _restore_baggage(context: Context, storages: Tuple[AsyncLocalStorage[Any], ...],
+                     header: str) -> None:
+    from ._baggage import decode, store_from
+    members = decode(header)
+    for storage in storages:
+        store = store_from(storage.name, members)
+        if store is not None:
+            context.run(storage.enter_with, store)
 
 
 def _rebind_close(result: Any, context: Context) -> None:

@@ -71,7 +71,8 @@ def hub_exception_stream() -> Iterator[io.StringIO]:
 SCENARIOS = ROOT / "tests" / "scenarios"
 
 
-def run_scenario(name: str, *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_scenario(name: str, *, timeout: float = 120,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``tests/scenarios/<name>.py`` (a monkey-patched program) in a fresh
     interpreter; like :func:`run_python`, fail with its output on a non-zero exit."""
-    return run_python((SCENARIOS / f"{name}.py").read_text(), timeout=timeout)
+    return run_python((SCENARIOS / f"{name}.py").read_text(), timeout=timeout, env=env)

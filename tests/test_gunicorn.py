@@ -437,3 +437,38 @@ def test_pre_and_post_request_hooks_run_only_with_the_gevent_worker(
             f"{what} hook-{n}" for n in range(3) for what in ("pre", "post")]
     else:
         assert lines == []
+
+
+# -- the middleware passes through what gunicorn recognises by identity ------------
+
+
+@pytest.mark.parametrize("worker", [WORKER, "gevent"])
+def test_already_handled_and_file_wrapper_pass_through_under_real_gunicorn(
+        tmp_path: Path, worker: str) -> None:
+    """An app behind the middleware that writes its own response on
+    gunicorn.socket and returns ALREADY_HANDLED: the client gets exactly that
+    response (with the request's id, read from the store) and nothing after
+    it on the keep-alive connection, and gunicorn logs no error. A wsgi.file_wrapper response is sent
+    whole (gunicorn's sendfile path needs the very object)."""
+    expected_file = (ROOT / "tests" / "passthrough_app.py").read_bytes()
+    with gunicorn(tmp_path, worker=worker, app="tests.passthrough_app:app",
+                  workers=1) as port:
+        for n in range(3):
+            conn = HTTPConnection(port)
+            try:
+                status, _, body = conn.request("/handled", {"X-Request-ID": f"took-{n}"})
+                assert (status, body) == (200, f"handled took-{n}".encode())
+                # Nothing of gunicorn's own follows (no error response): the
+                # next bytes on this keep-alive connection answer the next request.
+                status, _, body = conn.request("/peek")
+                assert (status, body) == (200, b"ok")
+            finally:
+                conn.close()
+        conn = HTTPConnection(port)
+        try:
+            status, headers, body = conn.request("/file", {"X-Request-ID": "file-1"}, close=True)
+        finally:
+            conn.close()
+        assert (status, headers["x-request-id"], body) == (200, "file-1", expected_file)
+    output = (tmp_path / "gunicorn.out").read_text(errors="replace")
+    assert "Error handling request" not in output and "Traceback" not in output, output

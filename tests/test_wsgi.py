@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import io
 import json
 import logging
 import re
@@ -740,3 +741,98 @@ def test_generated_ids_never_repeat_across_forked_workers_or_a_seeded_random() -
     assert len(every) == 150 and len(set(every)) == 150
     for generated in every:
         assert GENERATED.fullmatch(generated) and uuid.UUID(generated).version == 4
+
+
+# -- what the middleware passes through unchanged -----------------------------------
+
+
+def test_gunicorn_already_handled_sentinel_passes_through_by_identity() -> None:
+    """An app that took over the socket returns gunicorn's ALREADY_HANDLED;
+    gunicorn recognises it by identity, so the middleware returns the very
+    object (wrapping it would make gunicorn iterate it and fail)."""
+    from gunicorn.workers.base_async import ALREADY_HANDLED
+
+    seen = []
+
+    def app(environ: Dict[str, Any], start_response: Any) -> Any:
+        seen.append(get_request_id())
+        return ALREADY_HANDLED
+
+    result = RequestContextMiddleware(app)({"HTTP_X_REQUEST_ID": "taken"}, lambda *a: None)
+    assert result is ALREADY_HANDLED and seen == ["taken"]
+
+
+def test_function_file_wrapper_result_passes_through_by_identity() -> None:
+    """PEP 3333 only says wsgi.file_wrapper is a callable; uWSGI's is a
+    function. Whatever it returned comes back as the very same object, its
+    close() runs in the request's context, and environ keeps the server's
+    own file_wrapper afterwards."""
+    class Wrapped:
+        def __init__(self, filelike: Any) -> None:
+            self.filelike = filelike
+            self.closed_in: Any = "not closed"
+
+        def __iter__(self) -> Iterator[bytes]:
+            return iter([b"data"])
+
+        def close(self) -> None:
+            self.closed_in = get_request_id()
+
+    made: List[Any] = []
+
+    def file_wrapper(filelike: Any, block_size: int = 8192) -> Any:
+        made.append(Wrapped(filelike))
+        return made[-1]
+
+    environ = {"HTTP_X_REQUEST_ID": "file-fn", "wsgi.file_wrapper": file_wrapper}
+    result = RequestContextMiddleware(
+        lambda e, s: e["wsgi.file_wrapper"](io.BytesIO(b"x")))(environ, lambda *a: None)
+    assert result is made[0]
+    assert environ["wsgi.file_wrapper"] is file_wrapper
+    result.close()
+    assert made[0].closed_in == "file-fn"
+
+
+def test_other_iterables_with_a_function_file_wrapper_are_still_wrapped() -> None:
+    """Control: with a function file_wrapper in environ, a generator response
+    that did not come from it is still stepped in the request's context."""
+    def app(environ: Dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        yield (get_request_id() or "none").encode()
+
+    environ = {"HTTP_X_REQUEST_ID": "gen", "wsgi.file_wrapper": lambda f, b=8192: f}
+    result = RequestContextMiddleware(app)(environ, lambda *a: None)
+    assert b"".join(result) == b"gen"
+
+
+def test_pywsgi_serves_function_file_wrapper_and_generators_through_the_middleware() -> None:
+    """Under gevent.pywsgi (which sets no wsgi.file_wrapper of its own), a
+    handler that provides a function file_wrapper gets its result back by
+    identity; the body arrives whole."""
+    made: List[Any] = []
+
+    def file_wrapper(filelike: Any, block_size: int = 8192) -> Any:
+        made.append(iter([filelike.read()]))
+        return made[-1]
+
+    returned: List[Any] = []
+    middleware = RequestContextMiddleware(
+        lambda e, s: (s("200 OK", []), e["wsgi.file_wrapper"](io.BytesIO(b"file body")))[1])
+
+    def app(environ: Dict[str, Any], start_response: Any) -> Any:
+        environ["wsgi.file_wrapper"] = file_wrapper
+        returned.append(middleware(environ, start_response))
+        return returned[-1]
+
+    server = WSGIServer(("127.0.0.1", 0), app, log=None)
+    server.start()
+    try:
+        conn = gsocket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(4096):
+            reply += chunk
+        conn.close()
+    finally:
+        server.stop()
+    assert reply.startswith(b"HTTP/1.1 200 OK") and b"file body" in reply
+    assert len(made) == 1 and returned == made

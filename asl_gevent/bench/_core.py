@@ -29,6 +29,15 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 #: ``figures(opts, wanted)``: the rows of one family of figures.
 Figures = Callable[["Options", Callable[[str], bool]], Iterator["Row"]]
 
+#: "name: skipped: reason" lines of figures that could not run here (an
+#: optional extra missing); printed under the table.
+SKIPPED: List[str] = []
+
+
+def skip(name: str, reason: str) -> None:
+    """Record that figure *name* was skipped, and why."""
+    SKIPPED.append(f"{name}: skipped: {reason}")
+
 
 # -- results ---------------------------------------------------------------------
 

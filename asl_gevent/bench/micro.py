@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, List, Mapping, Tuple
 import gevent
 import gevent.local
 import gevent.pool
+from gevent.event import AsyncResult
 
 from .._hooks import install, is_installed, uninstall
 from .._storage import AsyncLocalStorage
@@ -101,6 +102,27 @@ def spawn_rows(opts: Options, wanted: Callable[[str], bool]) -> Iterator[Row]:
             pool = gevent.pool.Pool(10)
             yield Row("spawn/pool", "Pool.spawn(f).join(): hooks vs no hooks", "s",
                       *pair("pool.spawn(f).join()", {"pool": pool}), target)
+
+        if wanted("spawn/asyncresult"):
+            # A waiter blocks in get() until a loop callback sets the result:
+            # gevent's own wait, which links the waiter's switch from compiled
+            # code and never reaches the rawlink hook.
+            yield Row("spawn/asyncresult",
+                      "AsyncResult: set(1) from a loop callback + get(): hooks vs no hooks",
+                      "s", *pair("r = AsyncResult(); run_callback(r.set, 1); r.get()",
+                                 {"AsyncResult": AsyncResult,
+                                  "run_callback": gevent.get_hub().loop.run_callback}),
+                      target)
+
+        if wanted("spawn/wait"):
+            # The same through gevent.wait([r]): its waiter's method does reach
+            # the AbstractLinkable.rawlink hook, which passes it through.
+            yield Row("spawn/wait",
+                      "gevent.wait([AsyncResult]) set from a loop callback: hooks vs no hooks",
+                      "s", *pair("r = AsyncResult(); run_callback(r.set, 1); wait([r])",
+                                 {"AsyncResult": AsyncResult, "wait": gevent.wait,
+                                  "run_callback": gevent.get_hub().loop.run_callback}),
+                      target)
 
         if wanted("spawn/executor"):
             # A batch of tasks, then their results: one submit + result round
