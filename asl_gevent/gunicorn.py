@@ -120,6 +120,8 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         ``Context.run`` rather than a token reset: the copy is simply dropped
         afterwards, whatever the app set and however it ended (gevent#1930).
         """
+        if self._leak_watch is None:  # the usual case: no extra frame per request
+            return copy_context().run(super().handle_request, listener_name, req, sock, addr)
         return self._in_request_context(super().handle_request, listener_name, req, sock, addr)
 
     def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any,
