@@ -21,7 +21,11 @@ request does not.
 
 :class:`GeventPyWSGIWorker` is the same for gunicorn's ``gevent_pywsgi``
 worker, whose keep-alive loop (``pywsgi.WSGIHandler.handle_one_request``)
-the hooks already isolate.
+the hooks already isolate. That worker serves requests through gevent's
+pywsgi handler and never enters gunicorn's ``AsyncWorker.handle_request``, so
+gunicorn never calls ``pre_request``/``post_request`` with it, with or
+without this package (gunicorn 27.0.1); use :class:`GeventWorker` if you
+need those hooks.
 
 Keeping the stock worker
 ------------------------
@@ -41,7 +45,10 @@ hooks explicitly in a config file and give every request a fresh context with
         asl_gevent.install()
 
     # myapp.py
+    from flask import Flask
     from asl_gevent.wsgi import RequestContextMiddleware
+
+    flask_app = Flask(__name__)     # your app, views and all
     app = RequestContextMiddleware(flask_app)
 
 The middleware isolates what happens *inside* the app; with the stock worker
@@ -113,6 +120,8 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         ``Context.run`` rather than a token reset: the copy is simply dropped
         afterwards, whatever the app set and however it ended (gevent#1930).
         """
+        if self._leak_watch is None:  # the usual case: no extra frame per request
+            return copy_context().run(super().handle_request, listener_name, req, sock, addr)
         return self._in_request_context(super().handle_request, listener_name, req, sock, addr)
 
     def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any,
@@ -130,7 +139,9 @@ class GeventPyWSGIWorker(GeventWorker, ggevent.GeventPyWSGIWorker):  # type: ign
     """gunicorn's ``gevent_pywsgi`` worker with the hooks installed.
 
     Requests are served by :mod:`gevent.pywsgi`, whose per-request method the
-    hooks already run in a copy of the connection's context.
+    hooks already run in a copy of the connection's context. gunicorn calls
+    no ``pre_request``/``post_request`` hooks with this worker (it bypasses
+    gunicorn's request loop), stock or ours.
 
     .. versionadded:: 0.1
     """

@@ -126,6 +126,30 @@ def test_bad_options_exit_2_with_a_clear_message(args: tuple[str, ...], message:
     assert "|" not in proc.stdout
 
 
+def test_gunicorn_figures_say_skipped_when_gunicorn_is_missing() -> None:
+    """Without gunicorn, the gunicorn figures are each reported skipped, with
+    the install command, in one line each (not a server's traceback under
+    figure names run together), and the run exits 0 like the other missing
+    extras. ``sys.modules['gunicorn'] = None`` makes the import fail here as it
+    does where gunicorn is not installed; no server is started."""
+    source = ("import sys; sys.modules['gunicorn'] = None\n"
+              "from asl_gevent.bench.__main__ import main\n"
+              "sys.exit(main(['--quick', '--only', 'wsgi/gunicorn', "
+              "'--only', 'wsgi/gunicorn_cpu', '--only', 'run']))\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    for name in ("wsgi/gunicorn", "wsgi/gunicorn_cpu"):
+        assert (f"{name}: skipped: gunicorn not installed "
+                f"(pip install 'asl_gevent[gunicorn]')") in lines, proc.stdout
+    assert not [line for line in lines if "FAILED" in line], proc.stdout
+    assert list(table_rows(proc.stdout)) == ["run/token_wrapper"]
+    assert "gunicorn not installed" in lines[2]  # the machine line says so too
+
+
 def test_cross_process_figures_say_skipped_when_an_extra_is_missing(tmp_path: Any) -> None:
     """Without celery or requests importable (shadowed here), their figures are
     skipped with a reason, the run still exits 0, the rest of the table prints."""

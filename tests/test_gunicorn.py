@@ -325,6 +325,120 @@ def test_pre_request_hook_runs_in_the_request_context(tmp_path: Path) -> None:
         assert (n, seen["here"], seen["spawned"]) == (n, expected, expected)
 
 
+# -- what the README says about access logs and server hooks -------------------
+
+_ACCESS_CONFIG = """
+import os
+
+_dir = os.environ["ASL_TEST_LOG_DIR"]
+# The README's recipe: the id the middleware left in the environ; and the
+# one it echoed, read from the response (not with gevent_pywsgi: gunicorn 27
+# keys pywsgi's response headers by their bytes).
+access_log_format = '"%(r)s" %(s)s id=%({asl_gevent.request_id}e)s echoed=%({x-request-id}o)s'
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"request": {"()": "asl_gevent.logfilter.StoreFilter"}},
+    "formatters": {"habit": {"format": "%(request_id)s %(message)s"},
+                   "plain": {"format": "%(message)s"}},
+    "handlers": {
+        # A user's habit: StoreFilter on gunicorn's access logger's handler.
+        "habit": {"class": "logging.FileHandler", "filters": ["request"],
+                  "formatter": "habit", "filename": os.path.join(_dir, "access-habit.log")},
+        "recipe": {"class": "logging.FileHandler", "formatter": "plain",
+                   "filename": os.path.join(_dir, "access-recipe.log")},
+    },
+    "loggers": {"gunicorn.access": {"level": "INFO", "handlers": ["habit", "recipe"],
+                                    "propagate": False}},
+    "root": {"level": "WARNING", "handlers": []},
+}
+"""
+
+
+@pytest.mark.parametrize("worker", [WORKER, PYWSGI_WORKER, "gevent"])
+def test_access_log_shows_the_id_through_the_response_header(
+        tmp_path: Path, worker: str) -> None:
+    """gunicorn writes the access log outside the request's context: a
+    StoreFilter there logs '-' for every request (the README explains why),
+    while ``%({asl_gevent.request_id}e)s`` in ``access_log_format`` logs the
+    id the middleware used (the client's, or the generated one), with every
+    worker class; ``%({x-request-id}o)s`` does too, except with gunicorn's
+    gevent_pywsgi worker."""
+    config = tmp_path / "access_conf.py"
+    config.write_text(_ACCESS_CONFIG)
+    echoed = {}
+    with gunicorn(tmp_path, worker=worker, app="tests.gunicorn_app:app", workers=1,
+                  config=str(config)) as port:
+        conn = HTTPConnection(port)
+        try:
+            for n, sent in enumerate(["acc-1", None, "bad id", "acc-4"]):
+                status, headers, _ = conn.request(
+                    f"/peek?n={n}", {"X-Request-ID": sent} if sent else None)
+                assert status == 200
+                echoed[n] = headers["x-request-id"]
+        finally:
+            conn.close()
+    assert echoed[0] == "acc-1" and echoed[3] == "acc-4"
+    assert echoed[1] != echoed[2] and all(len(echoed[n]) == 32 for n in (1, 2))
+
+    logs = tmp_path / "logs"
+    recipe = [line for line in (logs / "access-recipe.log").read_text().splitlines()
+              if "/peek?n=" in line]
+    pywsgi = worker == PYWSGI_WORKER
+    assert recipe == [f'"GET /peek?n={n} HTTP/1.1" 200 id={echoed[n]} '
+                      f'echoed={"-" if pywsgi else echoed[n]}' for n in range(4)]
+    habit = (logs / "access-habit.log").read_text().splitlines()
+    assert len(habit) == 5  # the readiness probe, then our four
+    assert [line.split(" ", 1)[0] for line in habit] == ["-"] * 5
+
+
+_SERVER_HOOKS_CONFIG = """
+import os
+
+
+def _note(what, req):
+    path = os.path.join(os.environ["ASL_TEST_LOG_DIR"], f"hooks-{os.getpid()}.txt")
+    with open(path, "a") as out:
+        out.write(f"{what} {dict(req.headers).get('X-REQUEST-ID')}\\n")
+
+
+def pre_request(worker, req):
+    _note("pre", req)
+
+
+def post_request(worker, req, environ, resp):
+    _note("post", req)
+"""
+
+
+@pytest.mark.parametrize("worker, called", [
+    (WORKER, True), (PYWSGI_WORKER, False), ("gevent_pywsgi", False),
+], ids=["GeventWorker", "GeventPyWSGIWorker", "stock-gevent_pywsgi"])
+def test_pre_and_post_request_hooks_run_only_with_the_gevent_worker(
+        tmp_path: Path, worker: str, called: bool) -> None:
+    """As the README says: gunicorn calls ``pre_request``/``post_request``
+    around every request with ``GeventWorker``, and never with the
+    ``gevent_pywsgi`` worker, ours or gunicorn's own (gunicorn's pywsgi
+    handler does not go through its request loop)."""
+    config = tmp_path / "hooks_conf.py"
+    config.write_text(_SERVER_HOOKS_CONFIG)
+    with gunicorn(tmp_path, worker=worker, app="tests.gunicorn_app:app", workers=1,
+                  config=str(config)) as port:
+        conn = HTTPConnection(port)
+        try:
+            for n in range(3):
+                assert conn.request("/peek", {"X-Request-ID": f"hook-{n}"})[0] == 200
+        finally:
+            conn.close()
+    lines = [line for path in sorted((tmp_path / "logs").glob("hooks-*.txt"))
+             for line in path.read_text().splitlines()]
+    if called:
+        assert lines == ["pre ready", "post ready"] + [
+            f"{what} hook-{n}" for n in range(3) for what in ("pre", "post")]
+    else:
+        assert lines == []
+
+
 # -- the middleware passes through what gunicorn recognises by identity ------------
 
 

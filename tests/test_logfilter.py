@@ -346,3 +346,46 @@ def test_logging_in_threads_of_a_real_pool_is_tagged(logger: logging.Logger) -> 
             future.result(timeout=30)
     assert sorted((r.getMessage(), fields(r, "request_id")[0]) for r in handler.records) == \
         sorted((f"t{n}", f"t{n}") for n in range(8))
+
+
+@pytest.mark.parametrize("where", ["listener-handler", "queue-handler"])
+def test_with_queue_handler_the_filter_belongs_on_the_queue_handler(
+        logger: logging.Logger, where: str) -> None:
+    """QueueHandler/QueueListener, 200 concurrent requests logging from the
+    request and from a greenlet each spawns. The habit -- StoreFilter on the
+    listener's handler -- runs the filter in the listener's thread, where no
+    request is current: every record gets '-'. On the QueueHandler (as the
+    README says) it runs in the request and every record carries its own id
+    through the queue, also when the listener's handler has one too."""
+    import logging.handlers
+    import queue
+
+    from asl_gevent.wsgi import request_storage
+
+    log_queue: "queue.Queue[logging.LogRecord]" = queue.Queue()
+    queue_handler = logging.handlers.QueueHandler(log_queue)
+    sink = ListHandler()
+    sink.addFilter(StoreFilter())  # both setups have it: what a user writes first
+    if where == "queue-handler":
+        queue_handler.addFilter(StoreFilter())
+    logger.addHandler(queue_handler)
+    listener = logging.handlers.QueueListener(log_queue, sink)
+    listener.start()
+    try:
+        def request(n: int) -> None:
+            logger.info("r%d view", n)
+            gevent.sleep(0)
+            gevent.spawn(logger.info, "r%d greenlet", n).join()
+
+        gevent.joinall([gevent.spawn(request_storage.run, {"request_id": f"r{n}"}, request, n)
+                        for n in range(200)], raise_error=True)
+    finally:
+        listener.stop()  # drains the queue
+
+    assert len(sink.records) == 400
+    logged = [(record.getMessage().split()[0], getattr(record, "request_id"))
+              for record in sink.records]
+    if where == "queue-handler":
+        assert [(msg, rid) for msg, rid in logged if msg != rid] == []
+    else:
+        assert {rid for _, rid in logged} == {"-"}

@@ -703,6 +703,46 @@ def test_bad_keyword_arguments_are_rejected_at_construction(
     assert request_storage.get_store() is None
 
 
+def test_generated_ids_never_repeat_across_forked_workers_or_a_seeded_random() -> None:
+    """Generated ids are uuid4 hex from a private generator: an app's
+    ``random.seed(0)`` does not make them repeat, and processes forked from
+    one parent (gunicorn's workers) each get their own stream, so no id is
+    generated twice by the parent and two children."""
+    from helpers import run_python
+
+    proc = run_python("""
+        import json, os, random, uuid
+        from asl_gevent.wsgi import request_id_from
+
+        def ids(n):
+            random.seed(0)  # what an app or a test may do; must not matter
+            return [request_id_from({}) for _ in range(n)]
+
+        ids(3)  # the parent has generated ids before it forks, as a preloaded app may
+        pipes = []
+        for _ in range(2):
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.write(write, json.dumps(ids(50)).encode())
+                os._exit(0)
+            os.close(write)
+            pipes.append((pid, read))
+        seen = {"parent": ids(50)}
+        for n, (pid, read) in enumerate(pipes):
+            with os.fdopen(read) as f:
+                seen[f"child{n}"] = json.loads(f.read())
+            os.waitpid(pid, 0)
+        print(json.dumps(seen))
+    """)
+    seen = json.loads(proc.stdout)
+    assert sorted(seen) == ["child0", "child1", "parent"]
+    every = [i for ids in seen.values() for i in ids]
+    assert len(every) == 150 and len(set(every)) == 150
+    for generated in every:
+        assert GENERATED.fullmatch(generated) and uuid.UUID(generated).version == 4
+
+
 # -- what the middleware passes through unchanged -----------------------------------
 
 

@@ -54,7 +54,8 @@ def _options(args: argparse.Namespace) -> Options:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m asl_gevent.bench",
-        description="Measure asl_gevent against SPEC's targets; print one table of "
+        description="Measure asl_gevent against its performance targets (README, "
+                    "Performance); print one table of "
                     "ratios (subject / baseline, alternated in one run).")
     parser.add_argument("--quick", action="store_true",
                         help="small counts: the whole run in well under a minute")
@@ -115,10 +116,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         print(f"measuring {', '.join(n for n in names if wanted(n))} ...", file=sys.stderr,
               flush=True)
+        measured: List[Row] = []
+
+        def measure() -> None:
+            # Row by row: rows measured before a figure fails are still shown.
+            measured.extend(figures(opts, wanted))
+
         try:
-            rows.extend(copy_context().run(lambda: list(figures(opts, wanted))))
+            copy_context().run(measure)
         except Exception as exc:  # a broken figure must not hide the others
-            failures.append(f"{'/'.join(names)}: {type(exc).__name__}: {exc}")
+            failing = ", ".join(n for n in names if wanted(n) and n not in
+                                {row.name for row in measured})
+            failures.append(f"{failing}: {type(exc).__name__}: {exc}")
+        rows.extend(measured)
     print()
     print("\n".join(table(rows)))
     print()

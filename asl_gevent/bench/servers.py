@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import select
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 from .._hooks import install, uninstall
-from ._core import Options, Processes, Row, Target, free_port, output_of, wait_listening
+from ._core import (Options, Processes, Row, Target, free_port, output_of, skip,
+                    wait_listening)
 
 # -- WSGI servers under load ---------------------------------------------------------
 
@@ -177,6 +179,13 @@ def wsgi_rows(opts: Options, wanted: Callable[[str], bool]) -> Iterator[Row]:
     for name, what, base_argv, subj_argv in servers:
         cpu_name = name + "_cpu"
         if not (wanted(name) or wanted(cpu_name)):
+            continue
+        if name != "wsgi/pywsgi" and importlib.util.find_spec("gunicorn") is None:
+            # Say so, one line per figure, and go on with pywsgi, rather than
+            # fail later with the server's "No module named gunicorn".
+            for figure in (name, cpu_name):
+                if wanted(figure):
+                    skip(figure, "gunicorn not installed (pip install 'asl_gevent[gunicorn]')")
             continue
         procs = Processes()
         try:

@@ -1,0 +1,132 @@
+"""Instructions per request on gunicorn's gevent request path, by callgrind.
+
+Wall-clock and CPU-time figures swing by 10% on a shared machine; instruction
+counts do not. This serves N pipelined keep-alive requests through the real
+``worker.handle()`` of gunicorn's gevent worker (after ``monkey.patch_all()``,
+in this process; the client is a separate, untraced process), once per
+variant, under ``valgrind --tool=callgrind``, for two values of N; the
+difference divided by the difference in N is the cost of one request, with
+start-up and imports cancelled out::
+
+    .venv/bin/python tools/request_cost.py            # every variant (~5 min)
+    .venv/bin/python tools/request_cost.py stock asl  # some
+
+Variants: ``stock`` (gunicorn's worker, bare app, no hooks), ``hooks``
+(+ the hooks), ``worker`` (our worker class), ``stock+mw`` (stock worker +
+hooks + middleware), ``asl`` (worker class + middleware: the benchmark's
+subject), ``asl-noecho`` (the same with ``echo_header=False``). Needs
+valgrind. Run-to-run noise is about 2,000 instructions per request.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+VARIANTS = ["stock", "hooks", "worker", "stock+mw", "asl", "asl-noecho"]
+COUNTS = (1000, 3000)
+
+_CLIENT = r"""
+import socket, sys, threading
+port, n = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port))
+request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+def send():
+    for i in range(0, n, 50):
+        s.sendall(request * min(50, n - i))
+    s.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send); t.start()
+got = b""
+while True:
+    data = s.recv(1 << 20)
+    if not data:
+        break
+    got += data
+t.join()
+assert got.count(b"HTTP/1.1 200") == n, got[-300:]
+"""
+
+
+def serve(variant: str, count: int) -> None:
+    """Serve *count* requests on one connection with *variant*; in this process."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    import socket
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+    from gunicorn.workers import ggevent
+
+    import asl_gevent
+    from asl_gevent import gunicorn as ours
+    from asl_gevent.bench.servers import hello_app
+    from asl_gevent.wsgi import RequestContextMiddleware
+
+    if variant == "stock":
+        asl_gevent.uninstall()
+    else:
+        asl_gevent.install()
+    worker_class = ours.GeventWorker if variant in ("worker", "asl", "asl-noecho") \
+        else ggevent.GeventWorker
+    app = hello_app
+    if variant in ("stock+mw", "asl"):
+        app = RequestContextMiddleware(hello_app)
+    elif variant == "asl-noecho":
+        app = RequestContextMiddleware(hello_app, echo_header=False)
+    cfg = Config()
+    cfg.set("keepalive", 10)
+    worker = worker_class(0, os.getppid(), [], None, 30, cfg, Logger(cfg))
+    worker.wsgi = app
+
+    def one_connection(n: int) -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = subprocess.Popen([sys.executable, "-c", _CLIENT,
+                                   str(listener.getsockname()[1]), str(n)])
+        try:
+            conn, addr = listener.accept()
+            worker.handle(listener, conn, addr)
+            assert client.wait(timeout=600) == 0
+        finally:
+            if client.poll() is None:
+                client.kill()
+            listener.close()
+
+    one_connection(200)  # warm up: imports, caches, specialisation
+    one_connection(count)
+
+
+def instructions(variant: str, count: int) -> int:
+    """Total instructions callgrind counts for ``serve(variant, count)``."""
+    proc = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+         sys.executable, __file__, "--serve", variant, str(count)],
+        capture_output=True, text=True, timeout=1800,
+        env=dict(os.environ, PYTHONHASHSEED="0"))
+    match = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(f"{variant} {count} failed:\n{proc.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--serve"]:
+        serve(argv[1], int(argv[2]))
+        return 0
+    variants = argv or VARIANTS
+    base = None
+    for variant in variants:
+        low, high = (instructions(variant, n) for n in COUNTS)
+        per_request = (high - low) / (COUNTS[1] - COUNTS[0])
+        base = base or (per_request if variant == "stock" else None)
+        extra = f"  {per_request - base:+9,.0f}  ratio {base / per_request:.3f}" if base else ""
+        print(f"{variant:11s} {per_request:9,.0f} instructions per request{extra}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
