@@ -312,3 +312,30 @@ def test_the_result_drainer_of_a_gevent_web_process_holds_no_request(broker: str
     assert attached["seen"] == expected_seen
     assert attached["stores_alive"] == 5
     assert attached["leaks"] and all("greenletDrainer.run" in leak for leak in attached["leaks"])
+
+
+def test_a_middleware_with_its_own_storage_sends_its_request_to_tasks(broker: str) -> None:
+    """RequestContextMiddleware(app, storage=...): a task published in the
+    request sees the request's store in request_storage, and, the storage
+    being named ("tenant"), in the worker's storage of that name too; with
+    an unnamed storage, in request_storage only. Before, tasks saw nothing."""
+    from asl_gevent.wsgi import RequestContextMiddleware
+    app = make_app(broker)
+    unnamed: AsyncLocalStorage[Any] = AsyncLocalStorage()
+    published: List[Any] = []
+
+    def web(environ: Dict[str, Any], start_response: Any) -> List[bytes]:
+        published.append(app.signature("probe", (environ["PATH_INFO"],)).delay())
+        start_response("200 OK", [])
+        return []
+
+    with worker(broker, "solo", 1):
+        for storage, path in ((tenant_storage, "/named"), (unnamed, "/unnamed")):
+            middleware = RequestContextMiddleware(web, storage=storage)
+            list(middleware({"PATH_INFO": path, "HTTP_X_REQUEST_ID": f"req{path.replace('/', '-')}"},
+                            lambda *a: None))
+        reports = [result.get(timeout=TIMEOUT) for result in published]
+    assert [(r["label"], r["request"], r["tenant"]) for r in reports] == [
+        ("/named", {"request_id": "req-named"}, {"request_id": "req-named"}),
+        ("/unnamed", {"request_id": "req-unnamed"}, None),
+    ]
