@@ -18,6 +18,14 @@ the request has ended.
 ["Stores: request={'request_id': 'r-stuck'}"]
 >>> stuck.kill()
 
+A greenlet *running* in another OS thread at that moment -- without
+monkey-patching, typically a gevent ``ThreadPool`` task blocked in
+``time.sleep`` or a socket read -- shows no stores: greenlet does not let one
+thread read the context of a greenlet running in another (``ValueError``,
+greenlet 3.x). Its stack is still listed under the threads. Under
+monkey-patching such a task waits in its thread's hub, not running, and its
+stores are shown.
+
 :func:`install_signal_handler` prints it to ``stderr`` when the process gets
 a signal (``SIGUSR1`` unless told otherwise), like ``faulthandler`` but for
 greenlets: ``kill -USR1 <pid>``. It is opt-in: nothing is installed by import.
