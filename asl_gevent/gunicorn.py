@@ -157,7 +157,7 @@ class GeventPyWSGIWorker(GeventWorker, ggevent.GeventPyWSGIWorker):  # type: ign
         watch = self._leak_watch
         if watch is not None:
             # pywsgi's handler, not handle_request, serves each request here.
-            base = self.wsgi_handler
+            base: type = getattr(self, "wsgi_handler")  # gunicorn is untyped
             self.wsgi_handler = type(base.__name__, (base,), {
                 "handle_one_request": _watched_one_request(base, watch)})
 
