@@ -83,6 +83,12 @@ KNOWN_STARTERS: Tuple[str, ...] = (
     "opentelemetry.sdk.metrics._internal.export:PeriodicExportingMetricReader._at_fork_reinit",
     # The standard library.
     "logging.handlers:QueueListener.start",
+    # Celery (5.x): the result drainer greenlet a gevent/eventlet process
+    # starts on the first AsyncResult.get() (geventDrainer and eventletDrainer
+    # inherit this start); it runs until the process ends. Its backend sits
+    # in a threading.local, per greenlet under monkey-patching, so one starts
+    # per greenlet that waits for a result.
+    "celery.backends.asynchronous:greenletDrainer.start",
 )
 
 _MARK = "__asl_gevent_detached__"

@@ -19,6 +19,14 @@ store. A store that :func:`json.dumps` refuses, or that is larger than
 the publish never fails because of it (for the request's store the bare
 ``{"request_id": ...}`` is sent instead).
 
+The request's store is read from the storage of the
+:class:`~asl_gevent.wsgi.RequestContextMiddleware` serving the request, if it
+was given ``storage=`` (else from :data:`~asl_gevent.wsgi.request_storage`);
+in the worker it is restored into :data:`~asl_gevent.wsgi.request_storage`
+(so :func:`~asl_gevent.wsgi.get_request_id` and the log filter find it), and,
+if that storage is named, it also travels under its name like any named
+storage and is restored into the worker's storage of that name.
+
 Running, in the worker: each task runs in its own copy of the worker's
 context, on every pool (``prefork``, ``solo``, ``threads``, ``gevent``), with
 
@@ -59,7 +67,7 @@ from contextvars import ContextVar, copy_context
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, cast
 
 from ._storage import AsyncLocalStorage, named_storages
-from .wsgi import _id_of, request_storage
+from .wsgi import _OUTGOING, _id_of, request_storage
 
 __all__ = ["install", "is_installed", "task_storage", "HEADER"]
 
@@ -171,8 +179,14 @@ def _on_publish(sender: Any = None, headers: Optional[Dict[str, Any]] = None,
 def _payload() -> Optional[str]:
     """The current stores as one JSON text, or ``None`` when there are none."""
     parts: List[str] = []
-    store = request_storage.get_store()
-    if store is not None:
+    # The request's store: from the storage of the middleware serving this
+    # request when it is not request_storage (RequestContextMiddleware(app,
+    # storage=...) says so in _OUTGOING, as for asl_gevent.http), else from
+    # request_storage. It is restored into request_storage in the worker.
+    middleware = _OUTGOING.get(None)
+    source = request_storage if middleware is None else middleware[0]
+    store = source.get_store()
+    if store is not None and store is not source.default:
         text = _encode("request", store)
         if text is None:
             request_id = _id_of(store)

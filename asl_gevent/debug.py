@@ -18,6 +18,14 @@ the request has ended.
 ["Stores: request={'request_id': 'r-stuck'}"]
 >>> stuck.kill()
 
+A greenlet *running* in another OS thread at that moment -- without
+monkey-patching, typically a gevent ``ThreadPool`` task blocked in
+``time.sleep`` or a socket read -- shows no stores: greenlet does not let one
+thread read the context of a greenlet running in another (``ValueError``,
+greenlet 3.x). Its stack is still listed under the threads. Under
+monkey-patching such a task waits in its thread's hub, not running, and its
+stores are shown.
+
 :func:`install_signal_handler` prints it to ``stderr`` when the process gets
 a signal (``SIGUSR1`` unless told otherwise), like ``faulthandler`` but for
 greenlets: ``kill -USR1 <pid>``. It is opt-in: nothing is installed by import.
@@ -41,7 +49,13 @@ __all__ = ["format_run_info", "print_run_info", "install_signal_handler",
 
 
 def stores_of(glet: greenlet) -> str:
-    """``name=repr, ...`` of the stores *glet*'s context holds ('' for none)."""
+    """``name=repr, ...`` of the stores *glet*'s context holds ('' for none).
+
+    :raises TypeError: if *glet* is not a greenlet.
+    """
+    if not isinstance(glet, greenlet):
+        raise TypeError(f"stores_of() argument 'glet' must be a greenlet, not "
+                        f"{type(glet).__name__!r}; e.g. stores_of(gevent.getcurrent())")
     try:
         context = glet.gr_context
     except (ValueError, AttributeError):  # the running greenlet of another thread
@@ -111,6 +125,12 @@ def print_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
 _previous: dict[int, Any] = {}
 
 
+def _check_signum(signum: Any, where: str) -> None:
+    if not isinstance(signum, int) or isinstance(signum, bool):
+        raise TypeError(f"{where} argument 'signum' must be a signal number, not "
+                        f"{type(signum).__name__!r}; e.g. signal.SIGUSR1")
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     print_run_info()
 
@@ -122,11 +142,13 @@ def install_signal_handler(signum: int = signal.SIGUSR1) -> None:
     previous handler is kept for :func:`uninstall_signal_handler`.
     Idempotent.
 
+    :raises TypeError: if *signum* is not an int (a bool is not a signal
+        number: ``True`` would be ``SIGHUP``); :raises ValueError: if the
+        system has no such signal (from :func:`signal.signal`).
+
     .. versionadded:: 0.2
     """
-    if not isinstance(signum, int):
-        raise TypeError(f"install_signal_handler() argument 'signum' must be a signal "
-                        f"number, not {type(signum).__name__!r}; e.g. signal.SIGUSR1")
+    _check_signum(signum, "install_signal_handler()")
     previous = signal.signal(signum, _on_signal)
     if previous is not _on_signal:
         _previous[signum] = previous
@@ -135,7 +157,10 @@ def install_signal_handler(signum: int = signal.SIGUSR1) -> None:
 def uninstall_signal_handler(signum: int = signal.SIGUSR1) -> None:
     """Put back the handler :func:`install_signal_handler` replaced. Idempotent.
 
+    :raises TypeError: as :func:`install_signal_handler`.
+
     .. versionadded:: 0.2
     """
+    _check_signum(signum, "uninstall_signal_handler()")
     if signum in _previous and signal.getsignal(signum) is _on_signal:
         signal.signal(signum, _previous.pop(signum))

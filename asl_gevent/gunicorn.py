@@ -69,7 +69,7 @@ from typing import Any, Callable, Optional
 from gunicorn.workers import ggevent
 
 from ._hooks import install
-from ._watch import LeakWatch, leak_watch_delay
+from ._watch import LeakWatch, _Request, leak_watch_delay, request_marker
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
 
@@ -87,8 +87,9 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
     #: patched thread is logged (``asl_gevent.leak``, once per holder).
     #: ``None`` reads ``ASL_GEVENT_LEAK_WATCH`` (``gunicorn -e
     #: ASL_GEVENT_LEAK_WATCH=5``), ``0`` is off; or set it in a subclass.
-    #: (``GeventPyWSGIWorker`` serves through pywsgi, not ``handle_request``:
-    #: there, use the middleware's ``leak_watch``.)
+    #: :class:`GeventPyWSGIWorker` reads it the same way. The watch reports
+    #: only stores: the worker makes none, so it needs the middleware or
+    #: stores the app sets itself.
     leak_watch: Optional[float] = None
     _leak_watch: Optional[LeakWatch] = None
 
@@ -143,5 +144,38 @@ class GeventPyWSGIWorker(GeventWorker, ggevent.GeventPyWSGIWorker):  # type: ign
     no ``pre_request``/``post_request`` hooks with this worker (it bypasses
     gunicorn's request loop), stock or ours.
 
+    The :attr:`~GeventWorker.leak_watch` attribute and
+    ``ASL_GEVENT_LEAK_WATCH`` work as for :class:`GeventWorker`: each request
+    pywsgi serves is watched.
+
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 the leak watch.
     """
+
+    def patch(self) -> None:
+        super().patch()
+        watch = self._leak_watch
+        if watch is not None:
+            # pywsgi's handler, not handle_request, serves each request here.
+            base: type = getattr(self, "wsgi_handler")  # gunicorn is untyped
+            self.wsgi_handler = type(base.__name__, (base,), {
+                "handle_one_request": _watched_one_request(base, watch)})
+
+
+def _watched_one_request(base: type, watch: LeakWatch) -> Callable[[Any], Any]:
+    def handle_one_request(self: Any) -> Any:
+        # The marker goes into the connection's context around one request;
+        # the hooks run pywsgi's handle_one_request in a copy of it, which is
+        # the request's context. Set and reset here, in one greenlet, with
+        # the request served synchronously in between (never a reset in
+        # another greenlet: gevent#1930). The response is written and closed
+        # when handle_one_request returns: the request has ended.
+        marker = _Request()
+        token = request_marker.set(marker)
+        try:
+            return base.handle_one_request(self)  # type: ignore[attr-defined]
+        finally:
+            request_marker.reset(token)
+            watch.end(marker)
+
+    return handle_one_request

@@ -201,7 +201,11 @@ def _warn_once(config: _Config, key: str, message: str, *args: Any) -> None:
 
 def _with_headers(headers: Any, extra: Dict[str, str]) -> Any:
     """A copy of *headers* plus each of *extra* the caller did not set."""
-    present = {key.lower() for key in headers}
+    # urllib3 takes bytes header names too (headers={b"X-Request-ID": b"mine"})
+    # and sends them as they are: a bytes name of any case is the caller's
+    # header as much as a str one, or the request would carry two.
+    present = {(key.decode("latin-1") if isinstance(key, (bytes, bytearray)) else str(key)).lower()
+               for key in headers}
     missing = [(key, value) for key, value in extra.items() if key.lower() not in present]
     if not missing:
         return headers

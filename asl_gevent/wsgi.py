@@ -99,7 +99,12 @@ def request_id_from(environ: Mapping[str, Any], header: str = "X-Request-ID") ->
 
         RequestContextMiddleware(app, store_factory=lambda environ: {
             "request_id": request_id_from(environ), "user": environ.get("REMOTE_USER")})
+
+    :raises TypeError: if *header* is not a str.
     """
+    if not isinstance(header, str):
+        raise TypeError(f"request_id_from() argument 'header' must be a str, not "
+                        f"{type(header).__name__!r}; e.g. header='X-Request-ID'")
     return _request_id_from(environ, "HTTP_" + header.upper().replace("-", "_"))
 
 
@@ -157,7 +162,7 @@ class RequestContextMiddleware:
     :param header: the request header that carries an incoming id, and the
         response header that echoes it. ``X-Request-ID`` by default.
     :param echo_header: add the id to the response headers (unless the app
-        already set that header).
+        already set that header). A bool.
     :param store_factory: ``store_factory(environ) -> store`` makes the store
         instead of the default ``{"request_id": id}``. The store is then
         yours; if it is a mapping with a ``"request_id"`` (or an object with a
@@ -168,6 +173,11 @@ class RequestContextMiddleware:
         ``name.key=value`` the store ``{key: value, ...}``. Storages with no
         member keep the store the request started with. Empty by default.
         New in 0.2.
+    :param leak_watch: seconds after the end of a request at which a store it
+        left in a live greenlet or patched thread is logged (see
+        :mod:`asl_gevent._watch`); ``None`` (the default) reads
+        ``ASL_GEVENT_LEAK_WATCH``, ``0`` or ``False`` is off, and ``True``
+        means the default delay, 5 seconds. New in 0.2.
 
     Incoming ids are used only if they are 1 to 128 characters from
     ``A-Z a-z 0-9 . _ : @ / + = -``; anything else (too long, spaces, control
@@ -247,10 +257,17 @@ class RequestContextMiddleware:
                 f"callable or None, not {type(store_factory).__name__!r}; "
                 f"e.g. store_factory=lambda environ: {{'request_id': ...}}"
             )
+        if not isinstance(echo_header, bool):
+            # bool("no") is True: a truthiness test would echo what the
+            # caller meant to turn off.
+            raise TypeError(
+                f"RequestContextMiddleware() argument 'echo_header' must be a bool, not "
+                f"{type(echo_header).__name__!r}; e.g. echo_header=False"
+            )
         self.app = app
         self.storage = storage
         self.header = header
-        self.echo_header = bool(echo_header)
+        self.echo_header = echo_header
         self.store_factory = store_factory
         self._environ_key = "HTTP_" + header.upper().replace("-", "_")
         self._header_lower = header.lower()

@@ -24,6 +24,7 @@ from asl_gevent import AsyncLocalStorage
 from asl_gevent.celery import HEADER, task_storage
 from asl_gevent.wsgi import request_storage
 from celery_app import make_app, tenant_storage
+from helpers import SCENARIOS, run_python
 from xproc_helpers import wait_for, worker
 
 TIMEOUT = 30
@@ -282,3 +283,59 @@ def test_install_rejects_bad_arguments_clearly() -> None:
     asl_gevent.celery.install(app)
     asl_gevent.celery.install(app)  # idempotent
     assert asl_gevent.celery.is_installed(app)
+
+
+def _drainer_scenario(broker: str, **env: str) -> Dict[str, Any]:
+    with worker(broker, "solo", 1):
+        proc = run_python((SCENARIOS / "celery_drainer_patched.py").read_text(),
+                          env={"ASL_TEST_BROKER": broker, **env}, timeout=180)
+    result: Dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_the_result_drainer_of_a_gevent_web_process_holds_no_request(broker: str) -> None:
+    """A monkey-patched web process whose requests wait for task results: each
+    task sees its own request, and Celery's result drainer greenlet, started
+    lazily inside the requests (one per request greenlet), starts detached:
+    no request store stays alive and the leak watch reports nothing.
+    Negative control (ASL_GEVENT_DETACH_KNOWN=0): the drainers hold every
+    store and the leak watch names greenletDrainer.run."""
+    expected_seen = {f"r{n}": [f"r{n}", f"r{n}"] for n in range(1, 6)}
+    detached = _drainer_scenario(broker)
+    assert detached["installed"] is True
+    assert detached["seen"] == expected_seen
+    assert detached["stores_made"] == 5
+    assert detached["stores_alive"] == 0
+    assert detached["leaks"] == []
+
+    attached = _drainer_scenario(broker, ASL_GEVENT_DETACH_KNOWN="0")
+    assert attached["seen"] == expected_seen
+    assert attached["stores_alive"] == 5
+    assert attached["leaks"] and all("greenletDrainer.run" in leak for leak in attached["leaks"])
+
+
+def test_a_middleware_with_its_own_storage_sends_its_request_to_tasks(broker: str) -> None:
+    """RequestContextMiddleware(app, storage=...): a task published in the
+    request sees the request's store in request_storage, and, the storage
+    being named ("tenant"), in the worker's storage of that name too; with
+    an unnamed storage, in request_storage only. Before, tasks saw nothing."""
+    from asl_gevent.wsgi import RequestContextMiddleware
+    app = make_app(broker)
+    unnamed: AsyncLocalStorage[Any] = AsyncLocalStorage()
+    published: List[Any] = []
+
+    def web(environ: Dict[str, Any], start_response: Any) -> List[bytes]:
+        published.append(app.signature("probe", (environ["PATH_INFO"],)).delay())
+        start_response("200 OK", [])
+        return []
+
+    with worker(broker, "solo", 1):
+        for storage, path in ((tenant_storage, "/named"), (unnamed, "/unnamed")):
+            middleware = RequestContextMiddleware(web, storage=storage)
+            list(middleware({"PATH_INFO": path, "HTTP_X_REQUEST_ID": f"req{path.replace('/', '-')}"},
+                            lambda *a: None))
+        reports = [result.get(timeout=TIMEOUT) for result in published]
+    assert [(r["label"], r["request"], r["tenant"]) for r in reports] == [
+        ("/named", {"request_id": "req-named"}, {"request_id": "req-named"}),
+        ("/unnamed", {"request_id": "req-unnamed"}, None),
+    ]

@@ -331,3 +331,27 @@ def test_the_middleware_rejects_bad_baggage_arguments(baggage: Any, error: type,
                                                       message: str) -> None:
     with pytest.raises(error, match=r"^RequestContextMiddleware\(\) " + message):
         RequestContextMiddleware(lambda environ, start_response: [], baggage=baggage)
+
+
+def test_a_caller_header_with_a_bytes_name_wins_in_any_case(server: Recorder) -> None:
+    """urllib3 accepts bytes header names and sends them as given: the
+    caller's id and baggage, named in bytes of any case, are sent once each
+    with the caller's value, never followed by ours."""
+    tenant = AsyncLocalStorage(name="tenant")
+    asl_gevent.http.install(baggage=[tenant])
+    try:
+        def call() -> None:
+            tenant.enter_with("acme")
+            urllib3.request("GET", server.url, headers={b"X-Request-ID": b"mine",
+                                                        b"BAGGAGE": b"theirs=1"}, timeout=10)
+            urllib3.PoolManager().request("GET", server.url,
+                                          headers={b"x-request-id": b"mine2"}, timeout=10)
+            port = int(server.url.rsplit(":", 1)[1].strip("/"))
+            HTTPConnectionPool("127.0.0.1", port).request(
+                "GET", "/", headers={b"X-Request-Id": b"mine3", b"baggage": b"theirs=3"},
+                timeout=10)
+        in_request("req-1", call)
+    finally:
+        asl_gevent.http.uninstall()
+    assert ids(server) == [["mine"], ["mine2"], ["mine3"]]
+    assert ids(server, "baggage") == [["theirs=1"], ["tenant=acme"], ["theirs=3"]]
