@@ -15,7 +15,8 @@ pools, groups, patched threads, subclasses)   callback)
 ``Greenlet.link*``/``rawlink`` callbacks      :func:`_rawlink`
 ``Event``/``AsyncResult``/semaphore           :func:`_linkable_rawlink`
 ``rawlink`` callbacks
-``ThreadPoolExecutor.submit``/``map``         :func:`_executor_submit`
+``ThreadPoolExecutor.submit``/``map``         :func:`_work_item_class`,
+                                              :func:`_adjust_thread_count`
 ``gevent.threadpool.ThreadPool`` tasks        :func:`_thread_result_class`,
                                               :func:`_before_run_task`,
                                               :func:`_after_run_task`
@@ -365,24 +366,53 @@ def _linkable_rawlink(self: Any, callback: Any) -> None:
 
 # -- concurrent.futures.ThreadPoolExecutor (real or patched threads) ---------
 
-_orig_submit: Callable[..., Any]
+_orig_work_item: type
+_orig_adjust_thread_count: Callable[[Any], None]
 
 
-def _executor_submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """Run the task in a copy of its submitter's context.
+def _work_item_class(original: type) -> type:
+    """``concurrent.futures``' per-task ``_WorkItem``, plus its submitter's context.
 
-    The worker that runs it may have been started during another request, so
-    its own context must not matter: each task gets its own copy (a Context
-    cannot be entered by two workers at once). ``submit`` itself runs in an
-    empty context, so a worker it starts (a greenlet under monkey-patching,
-    or a thread on Python 3.14 with ``thread_inherit_context``) sits between
-    tasks in an empty context instead of this request's.
+    ``ThreadPoolExecutor.submit`` looks ``_WorkItem`` up as a global of
+    ``concurrent.futures.thread`` and makes one in the submitting thread or
+    greenlet, so the submitter's context is at hand there; the worker runs
+    the task in a copy of it, whatever request its own context came from (a
+    copy per task: a Context cannot be entered by two workers at once).
+    Carrying it on the work item, rather than wrapping the task in
+    ``submit``, lets a patcher that wrapped ``submit`` before install()
+    (OpenTelemetry's or Datadog's futures instrumentation) see the user's own
+    function, called in the submitter's context. ``__init__(*args, **kwargs)``
+    and ``run(*args)``: Python 3.14 changed both signatures (a task object, a
+    worker context). Built by install() from the class it replaces (a
+    registry row with ``make=True``).
     """
-    if args or kwargs:
-        return Context().run(_orig_submit, self, copy_context().run, fn, *args, **kwargs)
-    # Most tasks take no arguments: not building an empty tuple and dict
-    # saves about 2% of a submit + result (CPython 3.11).
-    return Context().run(_orig_submit, self, copy_context().run, fn)
+
+    class _WorkItem(original):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.asl_gevent_context: Optional[Context] = copy_context()
+
+        def run(self, *args: Any) -> None:
+            context, self.asl_gevent_context = self.asl_gevent_context, None
+            if context is None:  # run twice: nothing to carry any more
+                super().run(*args)
+            else:
+                context.run(super().run, *args)
+
+    _WorkItem.__doc__ = _work_item_class.__doc__
+    _WorkItem.__module__ = __name__
+    return _WorkItem
+
+
+def _adjust_thread_count(self: Any) -> None:
+    """Start the executor's workers in an empty context.
+
+    ``submit`` calls this, in the submitter's context. A worker it starts (a
+    greenlet under monkey-patching, or a thread on Python 3.14 with
+    ``thread_inherit_context``) would otherwise hold a copy of this
+    request's context between tasks, for as long as the executor lives.
+    """
+    Context().run(_orig_adjust_thread_count, self)
 
 
 # -- gevent.threadpool.ThreadPool (real OS threads) --------------------------
