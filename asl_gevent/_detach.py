@@ -28,8 +28,9 @@ Three ways, for three situations:
 * ``with detached():`` keeps the block's own code in the request's context,
   but every greenlet, ``spawn_raw``, monkey-patched thread or ``Timer`` (and,
   on Python 3.14 with ``thread_inherit_context``, real thread) started in the
-  block starts empty. It costs nothing while no block is active: its spawn
-  callback is registered only then.
+  block starts empty -- unless a context was set on it before it started,
+  which is left alone as everywhere. It costs one global load per spawn
+  while no block is active.
 * :func:`detach_starter` marks a third-party function, by name, so that every
   call of it runs detached -- without editing that library, and without
   importing it: a module not imported yet is patched when it is imported.
@@ -51,10 +52,9 @@ from contextvars import Context, ContextVar
 from types import ModuleType, TracebackType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, TypeVar
 
-from gevent.greenlet import Greenlet
-from greenlet import getcurrent, greenlet
+from greenlet import getcurrent
 
-from . import _hooks
+from . import _hooks, _paths
 from ._context import call_in, check_callable
 from ._imports import cancel_when_imported, when_imported
 
@@ -116,7 +116,9 @@ def run_detached(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
 _detaching: ContextVar[Optional["detached"]] = ContextVar("asl_gevent.detaching", default=None)
 
 _blocks_lock = threading.Lock()
-_active_blocks = 0
+#: Blocks active now, in any thread. Kept across ``importlib.reload`` (a
+#: block may be active then, and its exit must find the count it entered).
+_active_blocks: int = globals().get("_active_blocks", 0)
 
 # Python 3.14 gives each threading.Thread a copy of its starter's context
 # (``sys.flags.thread_inherit_context``, on by default in free-threaded
@@ -124,27 +126,22 @@ _active_blocks = 0
 # override the empty context the greenlet got. Thread.start is wrapped then,
 # while a block is active.
 _THREAD_INHERITS = bool(getattr(sys.flags, "thread_inherit_context", 0))
-_orig_thread_start: Optional[Callable[..., Any]] = None
+_orig_thread_start: Optional[Callable[..., Any]] = globals().get("_orig_thread_start")
 
 
-def _detach_on_spawn(glet: greenlet) -> None:
-    """Spawn callback, registered while a ``detached()`` block is active.
+def _in_active_block() -> bool:
+    """Whether the current context is inside an active ``detached()`` block.
 
-    gevent runs spawn callbacks in no fixed order (a set): if the hooks' own
-    callback ran first, the greenlet holds a copy of the starter's context,
-    which carries the ``_detaching`` flag; if not, it holds nothing yet.
-    Either way it gets an empty context, and the hooks' callback then leaves
-    a context set before it alone.
+    :func:`asl_gevent._paths._on_spawn` asks this, only while some block is
+    active, for each greenlet started without a preset context (a context
+    set on the greenlet before it starts is left alone, as everywhere).
     """
-    context = glet.gr_context
-    block = _detaching.get() if context is None else context.get(_detaching)
-    if block is not None and block._token is not None:
-        glet.gr_context = Context()
+    block = _detaching.get()
+    return block is not None and block._token is not None
 
 
 def _thread_start(self: threading.Thread) -> None:  # pragma: no cover - Python >= 3.14
-    block = _detaching.get()
-    if block is not None and block._token is not None and getattr(self, "_context", None) is None:
+    if _in_active_block() and getattr(self, "_context", None) is None:
         self._context = Context()  # type: ignore[attr-defined]
     assert _orig_thread_start is not None
     _orig_thread_start(self)
@@ -155,8 +152,9 @@ def _activate() -> None:
     with _blocks_lock:
         _active_blocks += 1
         if _active_blocks == 1:
-            Greenlet.add_spawn_callback(_detach_on_spawn)
-            _hooks._spawn_raw_callbacks.append(_detach_on_spawn)
+            # One assignment, not a spawn callback added and removed: gevent
+            # keeps those in a set that other OS threads' spawns iterate.
+            _paths._detaching_check = _in_active_block
             if _THREAD_INHERITS:  # pragma: no cover - Python >= 3.14
                 _orig_thread_start = threading.Thread.start
                 threading.Thread.start = _thread_start  # type: ignore[method-assign]
@@ -167,9 +165,7 @@ def _deactivate() -> None:
     with _blocks_lock:
         _active_blocks -= 1
         if _active_blocks == 0:
-            Greenlet.remove_spawn_callback(_detach_on_spawn)
-            if _detach_on_spawn in _hooks._spawn_raw_callbacks:
-                _hooks._spawn_raw_callbacks.remove(_detach_on_spawn)
+            _paths._detaching_check = None
             if _orig_thread_start is not None:  # pragma: no cover - Python >= 3.14
                 if threading.Thread.start is _thread_start:
                     threading.Thread.start = _orig_thread_start  # type: ignore[method-assign]

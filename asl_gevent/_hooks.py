@@ -26,8 +26,6 @@ from gevent._abstract_linkable import AbstractLinkable
 from . import _paths
 from ._imports import cancel_when_imported, when_imported
 from ._paths import Greenlet, _on_spawn
-# Where asl_gevent._detach (and the tests) add spawn_raw callbacks.
-from ._paths import _spawn_raw_callbacks as _spawn_raw_callbacks
 
 __all__ = ["install", "uninstall", "is_installed"]
 

@@ -86,11 +86,12 @@ else:
 _carried: ContextVar[Optional[bool]] = (
     globals().get("_carried") or ContextVar("asl_gevent.carried", default=None))
 
-#: ``fn(glet)`` run after ours for ``spawn_raw``, which skips gevent's spawn
-#: callbacks (``asl_gevent._detach`` adds one while a ``detached()`` block is
-#: active). Kept across a reload, with what was added.
-_spawn_raw_callbacks: List[Callable[[greenlet], None]] = (
-    globals().get("_spawn_raw_callbacks", []))
+#: Set by :mod:`asl_gevent._detach` only while some ``detached()`` block is
+#: active (None otherwise, so a spawn pays one global load for it):
+#: ``check()`` tells whether the spawning context is inside an active block,
+#: and then :func:`_on_spawn` gives the greenlet an empty context. Kept
+#: across a reload of this module (a block may be active then).
+_detaching_check: Optional[Callable[[], bool]] = globals().get("_detaching_check")
 
 
 def _carry(context: Context) -> Context:
@@ -151,10 +152,15 @@ def _on_spawn(glet: greenlet) -> None:
     gevent calls this from ``Greenlet.start()`` in the spawning greenlet, so
     ``copy_context()`` is the spawner's context at start time (not at
     ``Greenlet(...)`` creation time). A context set on the greenlet before it
-    starts (SQLAlchemy's asyncio bridge and greenback do this) is left alone.
+    starts (SQLAlchemy's asyncio bridge and greenback do this) is left alone,
+    also inside a ``detached()`` block; any other greenlet started in an
+    active block starts empty.
     """
     if glet.gr_context is None:
-        if not isinstance(getcurrent(), _Hub) or _hub_carries():
+        check = _detaching_check
+        if check is not None and check():
+            glet.gr_context = Context()
+        elif not isinstance(getcurrent(), _Hub) or _hub_carries():
             glet.gr_context = copy_context()
         else:
             glet.gr_context = Context()
@@ -197,8 +203,6 @@ _orig_spawn_raw: Callable[..., greenlet]
 def _spawn_raw(function: Callable[..., Any], *args: Any, **kwargs: Any) -> greenlet:
     glet = _orig_spawn_raw(function, *args, **kwargs)
     _on_spawn(glet)  # not switched to yet: spawn_raw only schedules it
-    for callback in _spawn_raw_callbacks:
-        callback(glet)
     return glet
 
 

@@ -11,6 +11,7 @@ workers left attached (negative control).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import sys
 import threading
@@ -27,6 +28,7 @@ import asl_gevent
 from asl_gevent import (KNOWN_STARTERS, AsyncLocalStorage, detach_starter, detached,
                         run_detached, undetach_starter)
 from asl_gevent import _detach, _hooks
+from asl_gevent import _paths as hook_paths
 from helpers import SCENARIOS, run_python
 
 
@@ -222,9 +224,9 @@ def test_detached_block_ends_with_the_block(als: AsyncLocalStorage[str]) -> None
 
 
 def test_detached_block_costs_nothing_when_inactive() -> None:
-    """Its spawn callback exists only while some block is active (blocks nest)."""
+    """Its check is set only while some block is active (blocks nest)."""
     def registered() -> bool:
-        return _detach._active_blocks > 0 and _detach._detach_on_spawn in _hooks._spawn_raw_callbacks
+        return _detach._active_blocks > 0 and hook_paths._detaching_check is not None
 
     assert not registered()
     with detached():
@@ -232,7 +234,29 @@ def test_detached_block_costs_nothing_when_inactive() -> None:
             assert registered()
         assert registered()
     assert not registered()
-    assert _hooks._spawn_raw_callbacks == []
+    assert hook_paths._detaching_check is None
+
+
+def test_detached_block_leaves_a_preset_context_alone(als: AsyncLocalStorage[str]) -> None:
+    """Defect 6 (SPEC: a context set on a greenlet before it starts is left
+    alone): inside the block too, while a plain spawn there starts empty."""
+    def handler() -> Any:
+        with detached():
+            preset = Greenlet(als.get_store)
+            preset.gr_context = contextvars.copy_context()
+            preset.start()
+            explicit = contextvars.Context()
+            explicit.run(als.enter_with, "explicit")
+            other = Greenlet(als.get_store)
+            other.gr_context = explicit
+            other.start()
+            raw: list[Any] = []
+            gevent.spawn_raw(lambda: raw.append(als.get_store()))
+            plain = gevent.spawn(als.get_store)
+            gevent.sleep(0)
+        return preset.get(), other.get(), plain.get(), raw
+
+    assert als.run("r1", handler) == ("r1", "explicit", None, [None])
 
 
 def test_detached_block_misuse() -> None:
