@@ -48,6 +48,7 @@ import functools
 import os
 import sys
 import threading
+import warnings
 from contextvars import Context, ContextVar
 from types import ModuleType, TracebackType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, TypeVar
@@ -253,37 +254,62 @@ def _split(target: str, where: str) -> Tuple[str, List[str]]:
 
 
 def _wrap(original: Any) -> Any:
-    """A detached version of *original* (a function, staticmethod or classmethod)."""
+    """A detached version of *original* (a function, staticmethod or classmethod).
+
+    *original* was checked by :func:`_find`. :func:`call_in`, not a bare
+    ``Context().run``: a coroutine an ``async def`` starter returns runs
+    detached too, when it is awaited.
+    """
     if isinstance(original, (staticmethod, classmethod)):
         return type(original)(_wrap(original.__func__))
-    if not callable(original):
-        raise TypeError(f"{original!r} is not callable")
 
     @functools.wraps(original)
     def starter(*args: Any, **kwargs: Any) -> Any:
-        return Context().run(original, *args, **kwargs)
+        return call_in(Context(), original, args, kwargs)
 
     setattr(starter, _MARK, True)
     return starter
 
 
-def _mark_now(target: str, module: ModuleType, parts: Sequence[str]) -> bool:
-    """Patch *target* in the imported *module*; False if it does not exist."""
+def _find(target: str, module: ModuleType, parts: Sequence[str]) -> Tuple[Any, str, Any]:
+    """``(owner, name, value in owner.__dict__)`` for *target* in *module*.
+
+    :raises AttributeError: the module (or class) has no such name, or the
+        method is inherited (then the class that defines it is to be marked:
+        patching a subclass would shadow later changes to the base).
+    :raises TypeError: the name is not a function, method, staticmethod or
+        classmethod.
+    """
+    where = f"detach_starter() argument 'target' {target!r}"
     owner: Any = module
-    for part in parts[:-1]:
+    for n, part in enumerate(parts[:-1]):
         owner = getattr(owner, part, None)
         if owner is None:
-            return False
+            raise AttributeError(f"{where}: module {module.__name__!r} has no "
+                                 f"{'.'.join(parts[:n + 1])!r}")
     name = parts[-1]
-    namespace = vars(owner)
+    namespace = getattr(owner, "__dict__", {})
     if name not in namespace:
-        return False
+        if hasattr(owner, name):
+            raise AttributeError(f"{where}: {name!r} is inherited by {owner!r}; mark the "
+                                 "class that defines it")
+        what = f"module {module.__name__!r}" if owner is module else repr(owner)
+        raise AttributeError(f"{where}: {what} has no attribute {name!r}")
     original = namespace[name]
+    function = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+    if not callable(function):
+        raise TypeError(f"{where} must name a function or method, not "
+                        f"{type(function).__name__!r} ({function!r})")
+    return owner, name, original
+
+
+def _mark_now(target: str, module: ModuleType, parts: Sequence[str]) -> None:
+    """Patch *target* in the imported *module* (errors: see :func:`_find`)."""
+    owner, name, original = _find(target, module, parts)
     if getattr(getattr(original, "__func__", original), _MARK, False):
-        return True  # already ours
+        return  # already ours
     setattr(owner, name, _wrap(original))
     _marked[target] = (owner, name, original)
-    return True
 
 
 def detach_starter(target: str) -> bool:
@@ -291,26 +317,36 @@ def detach_starter(target: str) -> bool:
 
     :param target: ``"module:qualname"``, e.g.
         ``"mylib.pool:Reaper.start"`` -- a function, method, staticmethod
-        or classmethod. If the module is not imported yet it is not imported
-        now: the function is patched right after the module is imported.
+        or classmethod (of the class that defines it). If the module is not
+        imported yet it is not imported now: the function is patched right
+        after the module is imported (a name that is then missing or not a
+        function is skipped with a :class:`RuntimeWarning`; the import goes
+        on).
 
     Whatever the function starts -- a thread, a greenlet, a pool -- starts in
     an empty context, so it never holds the store of the request that
-    happened to call it first. Idempotent.
+    happened to call it first; a coroutine an ``async def`` starter returns
+    runs detached when awaited. Idempotent.
 
     :returns: ``True`` if the function was patched now, ``False`` if its
-        module is not imported yet (or has no such name).
+        module is not imported yet.
     :raises TypeError, ValueError: if *target* is not a ``module:qualname``
         string.
+    :raises AttributeError: the module is imported and has no such function
+        (or the method is inherited: mark the class that defines it).
+    :raises TypeError: the module is imported and *target* is not a
+        function or method. Nothing is marked in any of these cases.
 
     .. versionadded:: 0.2
     """
     module_name, parts = _split(target, "detach_starter()")
     with _marks_lock:
-        _kept_attached.discard(target)
         module = sys.modules.get(module_name)
         if module is not None:
-            return _mark_now(target, module, parts)
+            _mark_now(target, module, parts)
+            _kept_attached.discard(target)
+            return True
+        _kept_attached.discard(target)
         _want(module_name, target)
         return False
 
@@ -368,7 +404,15 @@ def _mark_wanted(module: ModuleType) -> None:
     with _marks_lock:
         cancel_when_imported(module.__name__, _mark_wanted)
         for target in sorted(_wanted.pop(module.__name__, ())):
-            _mark_now(target, module, _split(target, "detach_starter()")[1])
+            try:
+                _mark_now(target, module, _split(target, "detach_starter()")[1])
+            except (AttributeError, TypeError) as exc:
+                # Never break the user's import over it. A known starter the
+                # installed version lacks is expected; the user's own typo
+                # is reported, once: the module is imported once.
+                if target not in KNOWN_STARTERS:
+                    warnings.warn(f"asl_gevent: {exc}; not marked", RuntimeWarning,
+                                  stacklevel=2)
 
 
 # -- the known starters follow install()/uninstall() --------------------------
@@ -383,7 +427,10 @@ def _known_starters(installing: bool) -> None:
             if target in _kept_attached:
                 continue
             if installing:
-                detach_starter(target)
+                try:
+                    detach_starter(target)
+                except (AttributeError, TypeError):
+                    pass  # not in the installed version of that library
             else:
                 _unwant(_split(target, "undetach_starter()")[0], target)
                 _unmark(target)
