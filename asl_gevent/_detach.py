@@ -114,9 +114,12 @@ def run_detached(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
 #: not a bare True: a copy of the block's context that outlives the block (a
 #: ``bind()`` made in it, an executor task submitted in it) must not go on
 #: detaching once the block is over.
-_detaching: ContextVar[Optional["detached"]] = ContextVar("asl_gevent.detaching", default=None)
+#: Kept across ``importlib.reload``: a block entered before it resets its token
+#: on this variable when it exits.
+_detaching: ContextVar[Optional["detached"]] = (
+    globals().get("_detaching") or ContextVar("asl_gevent.detaching", default=None))
 
-_blocks_lock = threading.Lock()
+_blocks_lock: threading.Lock = globals().get("_blocks_lock") or threading.Lock()
 #: Blocks active now, in any thread. Kept across ``importlib.reload`` (a
 #: block may be active then, and its exit must find the count it entered).
 _active_blocks: int = globals().get("_active_blocks", 0)
@@ -229,13 +232,18 @@ class detached:  # noqa: N801 - used like a function: ``with detached():``
 
 # -- detach_starter: mark a (third-party) function by name --------------------
 
+# The marks are kept across ``importlib.reload`` (which re-runs this file in
+# the same namespace): what is patched must still be put back by
+# undetach_starter()/uninstall(), and what is waited for still marked.
 #: target -> (owner, attribute, original as found in owner.__dict__)
-_marked: Dict[str, Tuple[Any, str, Any]] = {}
+_marked: Dict[str, Tuple[Any, str, Any]] = globals().get("_marked", {})
 #: module name -> targets to mark when that module is imported
-_wanted: Dict[str, Set[str]] = {}
+_wanted: Dict[str, Set[str]] = globals().get("_wanted", {})
 #: known starters the user turned off (never marked again automatically)
-_kept_attached: Set[str] = set()
-_marks_lock = threading.RLock()
+_kept_attached: Set[str] = globals().get("_kept_attached", set())
+_marks_lock: Any = globals().get("_marks_lock") or threading.RLock()
+#: The previous run's import callback, if this is a reload (see the end).
+_previous_mark_wanted: Any = globals().get("_mark_wanted")
 
 
 def _split(target: str, where: str) -> Tuple[str, List[str]]:
@@ -436,6 +444,27 @@ def _known_starters(installing: bool) -> None:
                 _unmark(target)
 
 
-_hooks._companions.append(_known_starters)
+def _register() -> None:
+    """Register this run's callbacks, replacing a previous run's on reload.
+
+    Otherwise a reload would mark twice per install() and leave the previous
+    run's companion to re-mark the starters after uninstall().
+    """
+    with _hooks._state.lock:
+        _hooks._companions[:] = [
+            c for c in _hooks._companions
+            if (getattr(c, "__module__", None), getattr(c, "__qualname__", None))
+            != (__name__, _known_starters.__qualname__)]
+        _hooks._companions.append(_known_starters)
+    previous = _previous_mark_wanted
+    if previous is not None and previous is not _mark_wanted:
+        with _marks_lock:
+            for module_name in _wanted:
+                cancel_when_imported(module_name, previous)
+                when_imported(module_name, _mark_wanted)
+
+
+_register()
+del _previous_mark_wanted
 if _hooks.is_installed():  # pragma: no cover - install() ran before this import
     _known_starters(True)

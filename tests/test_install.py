@@ -176,6 +176,24 @@ def test_reload_while_installed_keeps_hooks_working_and_removable(modules: List[
     assert out["pristine"] is True
 
 
+@pytest.mark.parametrize("modules", [
+    ["asl_gevent.http"], ["asl_gevent._detach"], ["asl_gevent._storage"],
+    ["asl_gevent._storage", "asl_gevent._detach", "asl_gevent.http", "asl_gevent._detach"],
+], ids=["http", "detach", "storage", "all"])
+def test_reload_of_stateful_modules_keeps_their_state(modules: List[str]) -> None:
+    """Defect 8: reloading asl_gevent.http, _detach or _storage while
+    installed keeps their state: http.is_installed() stays true and
+    uninstall() restores urllib3 exactly; the detach companion is registered
+    once (so uninstall() unmarks QueueListener.start, also after a second
+    install), a detached() block entered before the reload still works and
+    exits; named storages made before are still found."""
+    out = _scenario("reload_state", *modules)
+    assert out == {"in_block": None, "after_block": "r1", "http_installed": True,
+                   "companions": 0, "named": True, "marked": True,
+                   "http_restored": [True, False], "starter_restored": True,
+                   "starter_restored_again": True}
+
+
 # -- threads ------------------------------------------------------------------------
 
 
