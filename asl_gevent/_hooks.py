@@ -430,6 +430,9 @@ def install_on_first_use() -> None:
 def _did_patch_all(event: object) -> None:
     """gevent plugin: ``gevent.plugins.monkey.did_patch_all`` entry point.
 
+    Like the first storage, it installs only if the hooks were never
+    installed: after an explicit :func:`uninstall` the user decides (a
+    ``patch_all()`` that runs later, say in a library, must not undo it).
     Never raises into ``patch_all()``: a failure is one warning.
     """
-    _auto_install()
+    install_on_first_use()
