@@ -28,8 +28,9 @@ Three ways, for three situations:
 * ``with detached():`` keeps the block's own code in the request's context,
   but every greenlet, ``spawn_raw``, monkey-patched thread or ``Timer`` (and,
   on Python 3.14 with ``thread_inherit_context``, real thread) started in the
-  block starts empty. It costs nothing while no block is active: its spawn
-  callback is registered only then.
+  block starts empty -- unless a context was set on it before it started,
+  which is left alone as everywhere. It costs one global load per spawn
+  while no block is active.
 * :func:`detach_starter` marks a third-party function, by name, so that every
   call of it runs detached -- without editing that library, and without
   importing it: a module not imported yet is patched when it is imported.
@@ -47,14 +48,14 @@ import functools
 import os
 import sys
 import threading
+import warnings
 from contextvars import Context, ContextVar
 from types import ModuleType, TracebackType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, TypeVar
 
-from gevent.greenlet import Greenlet
-from greenlet import getcurrent, greenlet
+from greenlet import getcurrent
 
-from . import _hooks
+from . import _hooks, _paths
 from ._context import call_in, check_callable
 from ._imports import cancel_when_imported, when_imported
 
@@ -119,10 +120,15 @@ def run_detached(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
 #: not a bare True: a copy of the block's context that outlives the block (a
 #: ``bind()`` made in it, an executor task submitted in it) must not go on
 #: detaching once the block is over.
-_detaching: ContextVar[Optional["detached"]] = ContextVar("asl_gevent.detaching", default=None)
+#: Kept across ``importlib.reload``: a block entered before it resets its token
+#: on this variable when it exits.
+_detaching: ContextVar[Optional["detached"]] = (
+    globals().get("_detaching") or ContextVar("asl_gevent.detaching", default=None))
 
-_blocks_lock = threading.Lock()
-_active_blocks = 0
+_blocks_lock: threading.Lock = globals().get("_blocks_lock") or threading.Lock()
+#: Blocks active now, in any thread. Kept across ``importlib.reload`` (a
+#: block may be active then, and its exit must find the count it entered).
+_active_blocks: int = globals().get("_active_blocks", 0)
 
 # Python 3.14 gives each threading.Thread a copy of its starter's context
 # (``sys.flags.thread_inherit_context``, on by default in free-threaded
@@ -130,27 +136,22 @@ _active_blocks = 0
 # override the empty context the greenlet got. Thread.start is wrapped then,
 # while a block is active.
 _THREAD_INHERITS = bool(getattr(sys.flags, "thread_inherit_context", 0))
-_orig_thread_start: Optional[Callable[..., Any]] = None
+_orig_thread_start: Optional[Callable[..., Any]] = globals().get("_orig_thread_start")
 
 
-def _detach_on_spawn(glet: greenlet) -> None:
-    """Spawn callback, registered while a ``detached()`` block is active.
+def _in_active_block() -> bool:
+    """Whether the current context is inside an active ``detached()`` block.
 
-    gevent runs spawn callbacks in no fixed order (a set): if the hooks' own
-    callback ran first, the greenlet holds a copy of the starter's context,
-    which carries the ``_detaching`` flag; if not, it holds nothing yet.
-    Either way it gets an empty context, and the hooks' callback then leaves
-    a context set before it alone.
+    :func:`asl_gevent._paths._on_spawn` asks this, only while some block is
+    active, for each greenlet started without a preset context (a context
+    set on the greenlet before it starts is left alone, as everywhere).
     """
-    context = glet.gr_context
-    block = _detaching.get() if context is None else context.get(_detaching)
-    if block is not None and block._token is not None:
-        glet.gr_context = Context()
+    block = _detaching.get()
+    return block is not None and block._token is not None
 
 
 def _thread_start(self: threading.Thread) -> None:  # pragma: no cover - Python >= 3.14
-    block = _detaching.get()
-    if block is not None and block._token is not None and getattr(self, "_context", None) is None:
+    if _in_active_block() and getattr(self, "_context", None) is None:
         self._context = Context()  # type: ignore[attr-defined]
     assert _orig_thread_start is not None
     _orig_thread_start(self)
@@ -161,8 +162,9 @@ def _activate() -> None:
     with _blocks_lock:
         _active_blocks += 1
         if _active_blocks == 1:
-            Greenlet.add_spawn_callback(_detach_on_spawn)
-            _hooks._spawn_raw_callbacks.append(_detach_on_spawn)
+            # One assignment, not a spawn callback added and removed: gevent
+            # keeps those in a set that other OS threads' spawns iterate.
+            _paths._detaching_check = _in_active_block
             if _THREAD_INHERITS:  # pragma: no cover - Python >= 3.14
                 _orig_thread_start = threading.Thread.start
                 threading.Thread.start = _thread_start  # type: ignore[method-assign]
@@ -173,9 +175,7 @@ def _deactivate() -> None:
     with _blocks_lock:
         _active_blocks -= 1
         if _active_blocks == 0:
-            Greenlet.remove_spawn_callback(_detach_on_spawn)
-            if _detach_on_spawn in _hooks._spawn_raw_callbacks:
-                _hooks._spawn_raw_callbacks.remove(_detach_on_spawn)
+            _paths._detaching_check = None
             if _orig_thread_start is not None:  # pragma: no cover - Python >= 3.14
                 if threading.Thread.start is _thread_start:
                     threading.Thread.start = _orig_thread_start  # type: ignore[method-assign]
@@ -238,13 +238,18 @@ class detached:  # noqa: N801 - used like a function: ``with detached():``
 
 # -- detach_starter: mark a (third-party) function by name --------------------
 
+# The marks are kept across ``importlib.reload`` (which re-runs this file in
+# the same namespace): what is patched must still be put back by
+# undetach_starter()/uninstall(), and what is waited for still marked.
 #: target -> (owner, attribute, original as found in owner.__dict__)
-_marked: Dict[str, Tuple[Any, str, Any]] = {}
+_marked: Dict[str, Tuple[Any, str, Any]] = globals().get("_marked", {})
 #: module name -> targets to mark when that module is imported
-_wanted: Dict[str, Set[str]] = {}
+_wanted: Dict[str, Set[str]] = globals().get("_wanted", {})
 #: known starters the user turned off (never marked again automatically)
-_kept_attached: Set[str] = set()
-_marks_lock = threading.RLock()
+_kept_attached: Set[str] = globals().get("_kept_attached", set())
+_marks_lock: Any = globals().get("_marks_lock") or threading.RLock()
+#: The previous run's import callback, if this is a reload (see the end).
+_previous_mark_wanted: Any = globals().get("_mark_wanted")
 
 
 def _split(target: str, where: str) -> Tuple[str, List[str]]:
@@ -263,37 +268,62 @@ def _split(target: str, where: str) -> Tuple[str, List[str]]:
 
 
 def _wrap(original: Any) -> Any:
-    """A detached version of *original* (a function, staticmethod or classmethod)."""
+    """A detached version of *original* (a function, staticmethod or classmethod).
+
+    *original* was checked by :func:`_find`. :func:`call_in`, not a bare
+    ``Context().run``: a coroutine an ``async def`` starter returns runs
+    detached too, when it is awaited.
+    """
     if isinstance(original, (staticmethod, classmethod)):
         return type(original)(_wrap(original.__func__))
-    if not callable(original):
-        raise TypeError(f"{original!r} is not callable")
 
     @functools.wraps(original)
     def starter(*args: Any, **kwargs: Any) -> Any:
-        return Context().run(original, *args, **kwargs)
+        return call_in(Context(), original, args, kwargs)
 
     setattr(starter, _MARK, True)
     return starter
 
 
-def _mark_now(target: str, module: ModuleType, parts: Sequence[str]) -> bool:
-    """Patch *target* in the imported *module*; False if it does not exist."""
+def _find(target: str, module: ModuleType, parts: Sequence[str]) -> Tuple[Any, str, Any]:
+    """``(owner, name, value in owner.__dict__)`` for *target* in *module*.
+
+    :raises AttributeError: the module (or class) has no such name, or the
+        method is inherited (then the class that defines it is to be marked:
+        patching a subclass would shadow later changes to the base).
+    :raises TypeError: the name is not a function, method, staticmethod or
+        classmethod.
+    """
+    where = f"detach_starter() argument 'target' {target!r}"
     owner: Any = module
-    for part in parts[:-1]:
+    for n, part in enumerate(parts[:-1]):
         owner = getattr(owner, part, None)
         if owner is None:
-            return False
+            raise AttributeError(f"{where}: module {module.__name__!r} has no "
+                                 f"{'.'.join(parts[:n + 1])!r}")
     name = parts[-1]
-    namespace = vars(owner)
+    namespace = getattr(owner, "__dict__", {})
     if name not in namespace:
-        return False
+        if hasattr(owner, name):
+            raise AttributeError(f"{where}: {name!r} is inherited by {owner!r}; mark the "
+                                 "class that defines it")
+        what = f"module {module.__name__!r}" if owner is module else repr(owner)
+        raise AttributeError(f"{where}: {what} has no attribute {name!r}")
     original = namespace[name]
+    function = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+    if not callable(function):
+        raise TypeError(f"{where} must name a function or method, not "
+                        f"{type(function).__name__!r} ({function!r})")
+    return owner, name, original
+
+
+def _mark_now(target: str, module: ModuleType, parts: Sequence[str]) -> None:
+    """Patch *target* in the imported *module* (errors: see :func:`_find`)."""
+    owner, name, original = _find(target, module, parts)
     if getattr(getattr(original, "__func__", original), _MARK, False):
-        return True  # already ours
+        return  # already ours
     setattr(owner, name, _wrap(original))
     _marked[target] = (owner, name, original)
-    return True
 
 
 def detach_starter(target: str) -> bool:
@@ -301,26 +331,36 @@ def detach_starter(target: str) -> bool:
 
     :param target: ``"module:qualname"``, e.g.
         ``"mylib.pool:Reaper.start"`` -- a function, method, staticmethod
-        or classmethod. If the module is not imported yet it is not imported
-        now: the function is patched right after the module is imported.
+        or classmethod (of the class that defines it). If the module is not
+        imported yet it is not imported now: the function is patched right
+        after the module is imported (a name that is then missing or not a
+        function is skipped with a :class:`RuntimeWarning`; the import goes
+        on).
 
     Whatever the function starts -- a thread, a greenlet, a pool -- starts in
     an empty context, so it never holds the store of the request that
-    happened to call it first. Idempotent.
+    happened to call it first; a coroutine an ``async def`` starter returns
+    runs detached when awaited. Idempotent.
 
     :returns: ``True`` if the function was patched now, ``False`` if its
-        module is not imported yet (or has no such name).
+        module is not imported yet.
     :raises TypeError, ValueError: if *target* is not a ``module:qualname``
         string.
+    :raises AttributeError: the module is imported and has no such function
+        (or the method is inherited: mark the class that defines it).
+    :raises TypeError: the module is imported and *target* is not a
+        function or method. Nothing is marked in any of these cases.
 
     .. versionadded:: 0.2
     """
     module_name, parts = _split(target, "detach_starter()")
     with _marks_lock:
-        _kept_attached.discard(target)
         module = sys.modules.get(module_name)
         if module is not None:
-            return _mark_now(target, module, parts)
+            _mark_now(target, module, parts)
+            _kept_attached.discard(target)
+            return True
+        _kept_attached.discard(target)
         _want(module_name, target)
         return False
 
@@ -378,7 +418,15 @@ def _mark_wanted(module: ModuleType) -> None:
     with _marks_lock:
         cancel_when_imported(module.__name__, _mark_wanted)
         for target in sorted(_wanted.pop(module.__name__, ())):
-            _mark_now(target, module, _split(target, "detach_starter()")[1])
+            try:
+                _mark_now(target, module, _split(target, "detach_starter()")[1])
+            except (AttributeError, TypeError) as exc:
+                # Never break the user's import over it. A known starter the
+                # installed version lacks is expected; the user's own typo
+                # is reported, once: the module is imported once.
+                if target not in KNOWN_STARTERS:
+                    warnings.warn(f"asl_gevent: {exc}; not marked", RuntimeWarning,
+                                  stacklevel=2)
 
 
 # -- the known starters follow install()/uninstall() --------------------------
@@ -393,12 +441,36 @@ def _known_starters(installing: bool) -> None:
             if target in _kept_attached:
                 continue
             if installing:
-                detach_starter(target)
+                try:
+                    detach_starter(target)
+                except (AttributeError, TypeError):
+                    pass  # not in the installed version of that library
             else:
                 _unwant(_split(target, "undetach_starter()")[0], target)
                 _unmark(target)
 
 
-_hooks._companions.append(_known_starters)
+def _register() -> None:
+    """Register this run's callbacks, replacing a previous run's on reload.
+
+    Otherwise a reload would mark twice per install() and leave the previous
+    run's companion to re-mark the starters after uninstall().
+    """
+    with _hooks._state.lock:
+        _hooks._companions[:] = [
+            c for c in _hooks._companions
+            if (getattr(c, "__module__", None), getattr(c, "__qualname__", None))
+            != (__name__, _known_starters.__qualname__)]
+        _hooks._companions.append(_known_starters)
+    previous = _previous_mark_wanted
+    if previous is not None and previous is not _mark_wanted:
+        with _marks_lock:
+            for module_name in _wanted:
+                cancel_when_imported(module_name, previous)
+                when_imported(module_name, _mark_wanted)
+
+
+_register()
+del _previous_mark_wanted
 if _hooks.is_installed():  # pragma: no cover - install() ran before this import
     _known_starters(True)

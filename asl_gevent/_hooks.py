@@ -26,8 +26,6 @@ from gevent._abstract_linkable import AbstractLinkable
 from . import _paths
 from ._imports import cancel_when_imported, when_imported
 from ._paths import Greenlet, _on_spawn
-# Where asl_gevent._detach (and the tests) add spawn_raw callbacks.
-from ._paths import _spawn_raw_callbacks as _spawn_raw_callbacks
 
 __all__ = ["install", "uninstall", "is_installed"]
 
@@ -149,8 +147,10 @@ _PATHS: Tuple[_Path, ...] = (
     _Path("gevent.greenlet", Greenlet, "rawlink", _paths._rawlink, "_orig_rawlink"),
     _Path("gevent.hub", "", "spawn_raw", _paths._spawn_raw, "_orig_spawn_raw"),
     _Path("gevent", "", "spawn_raw", _paths._spawn_raw, "_orig_spawn_raw"),
-    _Path("concurrent.futures.thread", "ThreadPoolExecutor", "submit", _paths._executor_submit,
-          "_orig_submit"),
+    _Path("concurrent.futures.thread", "", "_WorkItem", _paths._work_item_class,
+          "_orig_work_item", make=True),
+    _Path("concurrent.futures.thread", "ThreadPoolExecutor", "_adjust_thread_count",
+          _paths._adjust_thread_count, "_orig_adjust_thread_count"),
     _Path("gevent.baseserver", "BaseServer", "start", _paths._server_start, "_orig_server_start"),
     _Path("gevent.baseserver", "BaseServer", "do_handle", _paths._server_do_handle,
           "_orig_server_do_handle"),
@@ -430,6 +430,9 @@ def install_on_first_use() -> None:
 def _did_patch_all(event: object) -> None:
     """gevent plugin: ``gevent.plugins.monkey.did_patch_all`` entry point.
 
+    Like the first storage, it installs only if the hooks were never
+    installed: after an explicit :func:`uninstall` the user decides (a
+    ``patch_all()`` that runs later, say in a library, must not undo it).
     Never raises into ``patch_all()``: a failure is one warning.
     """
-    _auto_install()
+    install_on_first_use()

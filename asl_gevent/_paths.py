@@ -15,7 +15,8 @@ pools, groups, patched threads, subclasses)   callback)
 ``Greenlet.link*``/``rawlink`` callbacks      :func:`_rawlink`
 ``Event``/``AsyncResult``/semaphore           :func:`_linkable_rawlink`
 ``rawlink`` callbacks
-``ThreadPoolExecutor.submit``/``map``         :func:`_executor_submit`
+``ThreadPoolExecutor.submit``/``map``         :func:`_work_item_class`,
+                                              :func:`_adjust_thread_count`
 ``gevent.threadpool.ThreadPool`` tasks        :func:`_thread_result_class`,
                                               :func:`_before_run_task`,
                                               :func:`_after_run_task`
@@ -85,11 +86,12 @@ else:
 _carried: ContextVar[Optional[bool]] = (
     globals().get("_carried") or ContextVar("asl_gevent.carried", default=None))
 
-#: ``fn(glet)`` run after ours for ``spawn_raw``, which skips gevent's spawn
-#: callbacks (``asl_gevent._detach`` adds one while a ``detached()`` block is
-#: active). Kept across a reload, with what was added.
-_spawn_raw_callbacks: List[Callable[[greenlet], None]] = (
-    globals().get("_spawn_raw_callbacks", []))
+#: Set by :mod:`asl_gevent._detach` only while some ``detached()`` block is
+#: active (None otherwise, so a spawn pays one global load for it):
+#: ``check()`` tells whether the spawning context is inside an active block,
+#: and then :func:`_on_spawn` gives the greenlet an empty context. Kept
+#: across a reload of this module (a block may be active then).
+_detaching_check: Optional[Callable[[], bool]] = globals().get("_detaching_check")
 
 
 def _carry(context: Context) -> Context:
@@ -150,10 +152,15 @@ def _on_spawn(glet: greenlet) -> None:
     gevent calls this from ``Greenlet.start()`` in the spawning greenlet, so
     ``copy_context()`` is the spawner's context at start time (not at
     ``Greenlet(...)`` creation time). A context set on the greenlet before it
-    starts (SQLAlchemy's asyncio bridge and greenback do this) is left alone.
+    starts (SQLAlchemy's asyncio bridge and greenback do this) is left alone,
+    also inside a ``detached()`` block; any other greenlet started in an
+    active block starts empty.
     """
     if glet.gr_context is None:
-        if not isinstance(getcurrent(), _Hub) or _hub_carries():
+        check = _detaching_check
+        if check is not None and check():
+            glet.gr_context = Context()
+        elif not isinstance(getcurrent(), _Hub) or _hub_carries():
             glet.gr_context = copy_context()
         else:
             glet.gr_context = Context()
@@ -196,8 +203,6 @@ _orig_spawn_raw: Callable[..., greenlet]
 def _spawn_raw(function: Callable[..., Any], *args: Any, **kwargs: Any) -> greenlet:
     glet = _orig_spawn_raw(function, *args, **kwargs)
     _on_spawn(glet)  # not switched to yet: spawn_raw only schedules it
-    for callback in _spawn_raw_callbacks:
-        callback(glet)
     return glet
 
 
@@ -365,24 +370,74 @@ def _linkable_rawlink(self: Any, callback: Any) -> None:
 
 # -- concurrent.futures.ThreadPoolExecutor (real or patched threads) ---------
 
-_orig_submit: Callable[..., Any]
+_orig_work_item: type
+_orig_adjust_thread_count: Callable[[Any], None]
 
 
-def _executor_submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """Run the task in a copy of its submitter's context.
+def _work_item_class(original: type) -> type:
+    """``concurrent.futures``' per-task ``_WorkItem``, plus its submitter's context.
 
-    The worker that runs it may have been started during another request, so
-    its own context must not matter: each task gets its own copy (a Context
-    cannot be entered by two workers at once). ``submit`` itself runs in an
-    empty context, so a worker it starts (a greenlet under monkey-patching,
-    or a thread on Python 3.14 with ``thread_inherit_context``) sits between
-    tasks in an empty context instead of this request's.
+    ``ThreadPoolExecutor.submit`` looks ``_WorkItem`` up as a global of
+    ``concurrent.futures.thread`` and makes one in the submitting thread or
+    greenlet, so the submitter's context is at hand there; the worker runs
+    the task in a copy of it, whatever request its own context came from (a
+    copy per task: a Context cannot be entered by two workers at once).
+    Carrying it on the work item, rather than wrapping the task in
+    ``submit``, lets a patcher that wrapped ``submit`` before install()
+    (OpenTelemetry's or Datadog's futures instrumentation) see the user's own
+    function, called in the submitter's context. Python 3.14 changed both
+    signatures (``__init__(future, task)``, ``run(ctx)``): there the item
+    keeps the context and ``run`` enters it. Built by install() from the
+    class it replaces (a registry row with ``make=True``).
     """
-    if args or kwargs:
-        return Context().run(_orig_submit, self, copy_context().run, fn, *args, **kwargs)
-    # Most tasks take no arguments: not building an empty tuple and dict
-    # saves about 2% of a submit + result (CPython 3.11).
-    return Context().run(_orig_submit, self, copy_context().run, fn)
+
+    # Bound once, not looked up through super() per task: submit + result
+    # is a hot path (the bench's spawn/executor figure).
+    base: Any = original  # maybe a patcher's subclass: inherited methods too
+    init, run = base.__init__, base.run
+    code = getattr(init, "__code__", None)
+    if code is not None and code.co_varnames[:5] == ("self", "future", "fn", "args", "kwargs"):
+        # Python 3.8-3.13: the item calls ``self.fn(*self.args, **self.kwargs)``;
+        # making that ``context.run(fn, *args, **kwargs)`` costs no Python
+        # frame in the worker (about 5% of a submit + result, CPython 3.11).
+        class _WorkItem(original):  # type: ignore[misc]
+            __slots__ = ()
+
+            def __init__(self, future: Any, fn: Any, args: Any, kwargs: Any) -> None:
+                init(self, future, copy_context().run, (fn, *args), kwargs)
+    else:  # pragma: no cover - Python >= 3.14: __init__(future, task), run(ctx)
+        class _WorkItem(original):  # type: ignore[misc, no-redef]
+            __slots__ = ("asl_gevent_context",)
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                init(self, *args, **kwargs)
+                self.asl_gevent_context = copy_context()
+
+            def run(self, *args: Any) -> None:
+                # The worker drops the item right after this, and the
+                # context with it: run once, so never entered twice.
+                self.asl_gevent_context.run(run, self, *args)
+
+    _WorkItem.__doc__ = _work_item_class.__doc__
+    _WorkItem.__module__ = __name__
+    return _WorkItem
+
+
+def _adjust_thread_count(self: Any) -> None:
+    """Start the executor's workers in an empty context.
+
+    ``submit`` calls this, in the submitter's context. A worker it starts (a
+    greenlet under monkey-patching, or a thread on Python 3.14 with
+    ``thread_inherit_context``) would otherwise hold a copy of this
+    request's context between tasks, for as long as the executor lives.
+    """
+    threads = getattr(self, "_threads", None)
+    if threads is not None and len(threads) >= self._max_workers:
+        # Full: it starts no worker (Python 3.8-3.14), so no empty context
+        # to build; most submits of a busy executor come here.
+        _orig_adjust_thread_count(self)
+    else:
+        Context().run(_orig_adjust_thread_count, self)
 
 
 # -- gevent.threadpool.ThreadPool (real OS threads) --------------------------

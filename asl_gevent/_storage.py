@@ -47,7 +47,9 @@ __all__ = ["AsyncLocalStorage", "bind", "snapshot", "named_storages"]
 # name in the worker). Weak: registering a storage never keeps it alive. All
 # of them, not one per name: a library or a test may make a second storage
 # with a name in use, and that must not hide the first one's stores.
-_NAMED: "WeakSet[AsyncLocalStorage[Any]]" = WeakSet()
+# Kept across importlib.reload (which re-runs this file in the same
+# namespace): storages made before it must still be found by name.
+_NAMED: "WeakSet[AsyncLocalStorage[Any]]" = globals().get("_NAMED") or WeakSet()
 
 
 def named_storages() -> List["AsyncLocalStorage[Any]"]:

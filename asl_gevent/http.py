@@ -53,9 +53,13 @@ __all__ = ["install", "uninstall", "is_installed", "outgoing_headers"]
 
 _log = logging.getLogger(__name__)
 
-_lock = threading.Lock()
-# (class, attribute, original, ours) for each patched attribute.
-_patched: List[Tuple[type, str, Any, Any]] = []
+# Kept across importlib.reload, which re-runs this file in the same
+# namespace: urllib3 may be patched then, and is_installed()/uninstall() must
+# still know what to put back.
+if "_patched" not in globals():
+    _lock = threading.Lock()
+    # (class, attribute, original, ours) for each patched attribute.
+    _patched: List[Tuple[type, str, Any, Any]] = []
 
 
 class _Config:
@@ -70,8 +74,9 @@ class _Config:
         self.warned: set[str] = set()
 
 
-_config = _Config(None, None, ())
-_HTTPHeaderDict: Any = type(None)  # urllib3's, once install() imported it
+if "_config" not in globals():  # kept across a reload too: the installed config
+    _config = _Config(None, None, ())
+    _HTTPHeaderDict: Any = type(None)  # urllib3's, once install() imported it
 
 
 def install(*, header: Optional[str] = None,

@@ -11,9 +11,12 @@ workers left attached (negative control).
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -27,6 +30,7 @@ import asl_gevent
 from asl_gevent import (KNOWN_STARTERS, AsyncLocalStorage, detach_starter, detached,
                         run_detached, undetach_starter)
 from asl_gevent import _detach, _hooks
+from asl_gevent import _paths as hook_paths
 from helpers import SCENARIOS, run_python
 
 
@@ -222,9 +226,9 @@ def test_detached_block_ends_with_the_block(als: AsyncLocalStorage[str]) -> None
 
 
 def test_detached_block_costs_nothing_when_inactive() -> None:
-    """Its spawn callback exists only while some block is active (blocks nest)."""
+    """Its check is set only while some block is active (blocks nest)."""
     def registered() -> bool:
-        return _detach._active_blocks > 0 and _detach._detach_on_spawn in _hooks._spawn_raw_callbacks
+        return _detach._active_blocks > 0 and hook_paths._detaching_check is not None
 
     assert not registered()
     with detached():
@@ -232,7 +236,29 @@ def test_detached_block_costs_nothing_when_inactive() -> None:
             assert registered()
         assert registered()
     assert not registered()
-    assert _hooks._spawn_raw_callbacks == []
+    assert hook_paths._detaching_check is None
+
+
+def test_detached_block_leaves_a_preset_context_alone(als: AsyncLocalStorage[str]) -> None:
+    """Defect 6 (SPEC: a context set on a greenlet before it starts is left
+    alone): inside the block too, while a plain spawn there starts empty."""
+    def handler() -> Any:
+        with detached():
+            preset = Greenlet(als.get_store)
+            preset.gr_context = contextvars.copy_context()
+            preset.start()
+            explicit = contextvars.Context()
+            explicit.run(als.enter_with, "explicit")
+            other = Greenlet(als.get_store)
+            other.gr_context = explicit
+            other.start()
+            raw: list[Any] = []
+            gevent.spawn_raw(lambda: raw.append(als.get_store()))
+            plain = gevent.spawn(als.get_store)
+            gevent.sleep(0)
+        return preset.get(), other.get(), plain.get(), raw
+
+    assert als.run("r1", handler) == ("r1", "explicit", None, [None])
 
 
 def test_detached_block_misuse() -> None:
@@ -338,6 +364,113 @@ def test_detach_starter_before_import(tmp_path: Path, als: AsyncLocalStorage[str
 def test_detach_starter_bad_input(target: Any, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         detach_starter(target)
+
+
+class _Base:
+    def start(self) -> None:
+        pass
+
+
+class _Derived(_Base):
+    pass
+
+
+@pytest.mark.parametrize("target, error, message", [
+    ("logging:no_such_fn", AttributeError,
+     r"^detach_starter\(\) argument 'target' 'logging:no_such_fn': module 'logging' has no "
+     r"attribute 'no_such_fn'$"),
+    ("logging:NoSuchClass.start", AttributeError,
+     r"'logging:NoSuchClass.start': module 'logging' has no 'NoSuchClass'$"),
+    ("logging:DEBUG", TypeError,
+     r"^detach_starter\(\) argument 'target' 'logging:DEBUG' must name a function or method, "
+     r"not 'int' \(10\)$"),
+    (f"{__name__}:_Derived.start", AttributeError, r"'start' is inherited by .*_Derived"),
+])
+def test_detach_starter_bad_target_in_an_imported_module(target: str, error: type,
+                                                          message: str) -> None:
+    """Defects 4 and 11: a typo or a non-function is an error at the call,
+    naming the argument and the target (it used to return False, like "not
+    imported yet", or raise "10 is not callable"); nothing is marked."""
+    import logging
+
+    before = dict(vars(logging)), dict(_detach._marked)
+    with pytest.raises(error, match=message):
+        detach_starter(target)
+    assert (dict(vars(logging)), dict(_detach._marked)) == before
+    assert "start" not in vars(_Derived)
+
+
+def test_detach_starter_bad_lazy_target_never_breaks_the_import(tmp_path: Path) -> None:
+    """Defect 4: marked before its module is imported, a name that turns out
+    not to be a function (or missing) is skipped with one warning each; the
+    user's import goes on and the module is untouched."""
+    (tmp_path / "lazy_bad_9.py").write_text("VALUE = 1\ndef start():\n    return 'ok'\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert detach_starter("lazy_bad_9:VALUE") is False
+        assert detach_starter("lazy_bad_9:missing") is False
+        assert detach_starter("lazy_bad_9:start") is False
+        with pytest.warns(RuntimeWarning) as warned:
+            import lazy_bad_9  # type: ignore[import-not-found]
+        messages = sorted(str(w.message) for w in warned)
+        assert len(messages) == 2
+        assert "'lazy_bad_9:VALUE' must name a function or method, not 'int'" in messages[0]
+        assert "'lazy_bad_9:missing': module 'lazy_bad_9' has no attribute 'missing'" in messages[1]
+        assert lazy_bad_9.VALUE == 1 and not hasattr(lazy_bad_9, "missing")
+        assert getattr(lazy_bad_9.start, "__asl_gevent_detached__", False)
+    finally:
+        undetach_starter("lazy_bad_9:start")
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("lazy_bad_9", None)
+
+
+def test_missing_known_starters_are_skipped_silently(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A known starter the installed version lacks is no error and no warning,
+    whether its module is imported already or later."""
+    (tmp_path / "lazy_known_9.py").write_text("X = 1\n")
+    sys.path.insert(0, str(tmp_path))
+    known = (*KNOWN_STARTERS, "logging:no_such_starter", "lazy_known_9:gone")
+    monkeypatch.setattr(_detach, "KNOWN_STARTERS", known)
+    try:
+        asl_gevent.uninstall()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            asl_gevent.install()
+            import lazy_known_9  # type: ignore[import-not-found]  # noqa: F401
+        assert asl_gevent.is_installed()
+    finally:
+        asl_gevent.uninstall()
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("lazy_known_9", None)
+
+
+async def _async_starter(als: AsyncLocalStorage[str], seen: List[Optional[str]]) -> None:
+    """A library's lazy ``async def`` starter: its task lives on."""
+    async def worker() -> None:
+        seen.append(als.get_store())
+
+    await asyncio.get_running_loop().create_task(worker())
+
+
+def test_detach_starter_detaches_an_async_starter(als: AsyncLocalStorage[str]) -> None:
+    """Defect 7: the coroutine a marked ``async def`` starter returns runs
+    detached when awaited, and so does the task it creates; unmarked (the
+    negative control) it sees the request's store."""
+    seen: List[Optional[str]] = []
+
+    async def request() -> None:
+        als.enter_with("r1")
+        await _async_starter(als, seen)
+
+    target = f"{__name__}:_async_starter"
+    assert detach_starter(target) is True
+    try:
+        asyncio.run(request())
+    finally:
+        undetach_starter(target)
+    asyncio.run(request())
+    assert seen == [None, "r1"]
 
 
 # -- the known starters ----------------------------------------------------------

@@ -15,13 +15,16 @@ import sys
 from typing import Any, Callable, Dict, Iterator, List
 
 import gevent
+import gevent.event
+import gevent.hub
 import pytest
 
 import asl_gevent
+import asl_gevent._hooks
 from asl_gevent import AsyncLocalStorage
 from helpers import SCENARIOS, run_python, run_scenario
 
-Submit = Callable[..., Any]
+SpawnRaw = Callable[..., Any]
 
 
 def _scenario(name: str, *args: str, env: Dict[str, str] | None = None,
@@ -84,6 +87,15 @@ def test_auto_install_env_var_on_or_unset_installs() -> None:
     for env in ({}, {"ASL_GEVENT_AUTO_INSTALL": "1"}):
         proc = run_scenario("auto_install", env=env)
         assert proc.stdout.split() == ["True", "True", "True", "x"], env
+
+
+def test_patch_all_does_not_reinstall_after_an_explicit_uninstall() -> None:
+    """Defect 9: like a new storage, patch_all's plugin leaves the hooks out
+    after an explicit uninstall() (the spawned greenlet starts empty); an
+    explicit install() still puts them in. (Without the uninstall,
+    test_auto_install_env_var_on_or_unset_installs shows patch_all installs.)"""
+    proc = run_scenario("uninstall_then_patch")
+    assert proc.stdout.split() == ["True", "False", "False", "None", "True", "r1"]
 
 
 # -- import cost: modules are hooked when they are imported -------------------------
@@ -176,6 +188,24 @@ def test_reload_while_installed_keeps_hooks_working_and_removable(modules: List[
     assert out["pristine"] is True
 
 
+@pytest.mark.parametrize("modules", [
+    ["asl_gevent.http"], ["asl_gevent._detach"], ["asl_gevent._storage"],
+    ["asl_gevent._storage", "asl_gevent._detach", "asl_gevent.http", "asl_gevent._detach"],
+], ids=["http", "detach", "storage", "all"])
+def test_reload_of_stateful_modules_keeps_their_state(modules: List[str]) -> None:
+    """Defect 8: reloading asl_gevent.http, _detach or _storage while
+    installed keeps their state: http.is_installed() stays true and
+    uninstall() restores urllib3 exactly; the detach companion is registered
+    once (so uninstall() unmarks QueueListener.start, also after a second
+    install), a detached() block entered before the reload still works and
+    exits; named storages made before are still found."""
+    out = _scenario("reload_state", *modules)
+    assert out == {"in_block": None, "after_block": "r1", "http_installed": True,
+                   "companions": 0, "named": True, "marked": True,
+                   "http_restored": [True, False], "starter_restored": True,
+                   "starter_restored_again": True}
+
+
 # -- threads ------------------------------------------------------------------------
 
 
@@ -191,92 +221,118 @@ def test_install_and_uninstall_race_from_real_threads() -> None:
 # -- other patchers compose ---------------------------------------------------------
 
 
-@pytest.fixture(name="pristine_submit")
-def _pristine_submit(no_hooks: None) -> Iterator[Submit]:
-    """ThreadPoolExecutor.submit as it was; put back whatever a test did."""
-    cls = concurrent.futures.ThreadPoolExecutor
-    original = cls.__dict__["submit"]
+# ``gevent.spawn_raw`` (and ``gevent.hub.spawn_raw``, the same function) is
+# the attribute other patchers wrap here: its hook alone carries the store.
+# (ThreadPoolExecutor.submit is no longer hooked: the executor's context
+# travels on its work items.)
+
+
+def _set_spawn_raw(value: SpawnRaw) -> None:
+    gevent.spawn_raw = gevent.hub.spawn_raw = value
+
+
+def _current_spawn_raw() -> SpawnRaw:
+    current: SpawnRaw = vars(gevent.hub)["spawn_raw"]
+    assert vars(gevent)["spawn_raw"] is current
+    return current
+
+
+@pytest.fixture(name="pristine_spawn_raw")
+def _pristine_spawn_raw(no_hooks: None) -> Iterator[SpawnRaw]:
+    """gevent.spawn_raw as it was; put back whatever a test did."""
+    original = _current_spawn_raw()
     try:
         yield original
     finally:
         asl_gevent.uninstall()
-        cls.submit = original  # type: ignore[method-assign]
+        _set_spawn_raw(original)
 
 
-def _counting(submit: Submit, calls: List[str], name: str) -> Submit:
-    @functools.wraps(submit)
-    def instrumented(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+def _counting(spawn_raw: SpawnRaw, calls: List[str], name: str) -> SpawnRaw:
+    @functools.wraps(spawn_raw)
+    def instrumented(function: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(name)
-        return submit(self, fn, *args, **kwargs)
+        return spawn_raw(function, *args, **kwargs)
 
     return instrumented
 
 
-def _submitted_store(als: AsyncLocalStorage[str]) -> Any:
-    with concurrent.futures.ThreadPoolExecutor(1) as executor:
-        return als.run("request", lambda: executor.submit(als.get_store).result(timeout=5))
+def _spawned_store(als: AsyncLocalStorage[str]) -> Any:
+    """What a greenlet started with gevent.spawn_raw in request "request" sees."""
+    box: List[Any] = []
+    done = gevent.event.Event()
+
+    def request() -> None:
+        gevent.spawn_raw(lambda: (box.append(als.get_store()), done.set()))
+        assert done.wait(5)
+
+    als.run("request", request)
+    return box[0]
 
 
 def test_wrapper_set_before_install_keeps_being_called(
-        pristine_submit: Submit, als: AsyncLocalStorage[str]) -> None:
-    """An instrumentation that wrapped ThreadPoolExecutor.submit before
-    install() is still called while installed (the hook wraps it), the task
-    sees its submitter's store, and uninstall() gives back the wrapper."""
-    cls = concurrent.futures.ThreadPoolExecutor
+        pristine_spawn_raw: SpawnRaw, als: AsyncLocalStorage[str]) -> None:
+    """An instrumentation that wrapped gevent.spawn_raw before install() is
+    still called while installed (the hook wraps it), the greenlet sees its
+    spawner's store, and uninstall() gives back the wrapper."""
     calls: List[str] = []
-    wrapper = cls.submit = _counting(pristine_submit, calls, "before")  # type: ignore[method-assign]
+    wrapper = _counting(pristine_spawn_raw, calls, "before")
+    _set_spawn_raw(wrapper)
     asl_gevent.install()
-    assert _submitted_store(als) == "request"
+    assert _spawned_store(als) == "request"
     assert calls == ["before"]
     asl_gevent.uninstall()
-    assert cls.__dict__["submit"] is wrapper
-    assert _submitted_store(als) is None and calls == ["before", "before"]
+    assert _current_spawn_raw() is wrapper
+    assert _spawned_store(als) is None and calls == ["before", "before"]
 
 
 def test_wrapper_set_after_install_survives_uninstall(
-        pristine_submit: Submit, als: AsyncLocalStorage[str]) -> None:
+        pristine_spawn_raw: SpawnRaw, als: AsyncLocalStorage[str]) -> None:
     """A wrapper set over our hook after install() is not removed by
     uninstall() (it keeps calling our hook, which keeps working)."""
-    cls = concurrent.futures.ThreadPoolExecutor
     calls: List[str] = []
     asl_gevent.install()
-    wrapper = cls.submit = _counting(cls.submit, calls, "after")  # type: ignore[method-assign]
+    wrapper = _counting(_current_spawn_raw(), calls, "after")
+    _set_spawn_raw(wrapper)
     asl_gevent.uninstall()
     assert not asl_gevent.is_installed()
-    assert cls.__dict__["submit"] is wrapper
-    assert _submitted_store(als) == "request" and calls == ["after"]
+    assert _current_spawn_raw() is wrapper
+    assert _spawned_store(als) == "request" and calls == ["after"]
 
 
 def test_uninstall_does_not_resurrect_what_was_replaced_after_install(
-        pristine_submit: Submit) -> None:
+        pristine_spawn_raw: SpawnRaw) -> None:
     """Someone replaced our hook outright after install(): uninstall() leaves
     their replacement, and does not put back the original it displaced;
     the other attributes are restored."""
-    cls = concurrent.futures.ThreadPoolExecutor
     asl_gevent.install()
-    replacement = _counting(pristine_submit, [], "replacement")
-    cls.submit = replacement  # type: ignore[method-assign]
+    replacement = _counting(pristine_spawn_raw, [], "replacement")
+    _set_spawn_raw(replacement)
     asl_gevent.uninstall()
-    assert cls.__dict__["submit"] is replacement
-    assert gevent.spawn_raw.__module__ == "gevent.hub"
+    assert _current_spawn_raw() is replacement
+    assert vars(asl_gevent._hooks.Greenlet)["rawlink"].__module__ != "asl_gevent._paths"
 
 
 def test_reinstall_after_a_wrapper_over_our_hook_was_removed(
-        pristine_submit: Submit, als: AsyncLocalStorage[str]) -> None:
-    """A wrapper over our hook that is later unwrapped puts our (now stale)
-    hook back; the next install() recognises it and wraps the true original
-    once, and uninstall() then restores that original."""
-    cls = concurrent.futures.ThreadPoolExecutor
+        pristine_spawn_raw: SpawnRaw, als: AsyncLocalStorage[str]) -> None:
+    """Defect 10, as the README now says: a wrapper over our hook that is
+    later unwrapped puts our hook back, which keeps carrying the store
+    although is_installed() is False; the next install() recognises it and
+    wraps the true original once, and uninstall() then restores that
+    original (the greenlet starts empty again)."""
     asl_gevent.install()
-    ours = cls.__dict__["submit"]
-    cls.submit = _counting(ours, [], "temporary")  # type: ignore[method-assign]
+    ours = _current_spawn_raw()
+    _set_spawn_raw(_counting(ours, [], "temporary"))
     asl_gevent.uninstall()
-    cls.submit = ours  # type: ignore[method-assign]  # the wrapper is removed
+    _set_spawn_raw(ours)  # the wrapper is removed
+    assert not asl_gevent.is_installed() and _spawned_store(als) == "request"
     asl_gevent.install()
-    assert cls.__dict__["submit"] is ours and ours.__wrapped__ is pristine_submit
-    assert _submitted_store(als) == "request"
+    assert _current_spawn_raw() is ours
+    assert ours.__wrapped__ is pristine_spawn_raw  # type: ignore[attr-defined]
+    assert _spawned_store(als) == "request"
     asl_gevent.uninstall()
-    assert cls.__dict__["submit"] is pristine_submit
+    assert _current_spawn_raw() is pristine_spawn_raw
+    assert _spawned_store(als) is None
 
 
 def test_fork_while_another_thread_holds_the_install_lock() -> None:
@@ -315,29 +371,28 @@ def test_fork_while_another_thread_holds_the_install_lock() -> None:
 
 @pytest.mark.parametrize("wraps", [True, False], ids=["functools.wraps", "plain-closure"])
 def test_reinstall_over_a_wrapper_of_our_hook_never_recurses(
-        pristine_submit: Submit, als: AsyncLocalStorage[str], wraps: bool) -> None:
+        pristine_spawn_raw: SpawnRaw, als: AsyncLocalStorage[str], wraps: bool) -> None:
     """install(); a library wraps our hook; uninstall() leaves its wrapper;
     install() again must not wrap that wrapper (which calls our hook, which
     would then call the wrapper again: a RecursionError). The path stays
     hooked through the wrapper; uninstall() leaves it again."""
-    cls = concurrent.futures.ThreadPoolExecutor
     calls: List[str] = []
     asl_gevent.install()
-    ours = cls.submit
+    ours = _current_spawn_raw()
 
-    def plain(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+    def plain(function: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append("plain")
-        return ours(self, fn, *args, **kwargs)
+        return ours(function, *args, **kwargs)
 
     wrapper = _counting(ours, calls, "wraps") if wraps else plain
-    cls.submit = wrapper  # type: ignore[method-assign]
+    _set_spawn_raw(wrapper)
     for _ in range(3):
         asl_gevent.uninstall()
         asl_gevent.install()
-        assert cls.__dict__["submit"] is wrapper
-        assert _submitted_store(als) == "request"
+        assert _current_spawn_raw() is wrapper
+        assert _spawned_store(als) == "request"
     asl_gevent.uninstall()
-    assert cls.__dict__["submit"] is wrapper and len(calls) == 3
+    assert _current_spawn_raw() is wrapper and len(calls) == 3
 
 
 def test_reimported_hooks_module_shares_the_installed_state() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import json
 import random
 import sys
@@ -178,6 +179,38 @@ def test_executor_worker_started_in_request_a_runs_b_in_b(als: AsyncLocalStorage
         executor.shutdown(wait=True)
 
 
+def test_executor_submit_wrapped_before_install_sees_fn_and_store(
+        no_hooks: None, als: AsyncLocalStorage[str]) -> None:
+    """Defect 5: an instrumentation that wrapped ThreadPoolExecutor.submit
+    before install() (OTel/Datadog style) is called with the user's function
+    in the submitter's context; the task still runs in that context. The
+    negative control (hooks off) shows the task would start empty."""
+    seen: list[Any] = []
+    original = concurrent.futures.ThreadPoolExecutor.__dict__["submit"]
+
+    @functools.wraps(original)
+    def instrumented_submit(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        seen.append((als.get_store(), getattr(fn, "__name__", repr(fn))))
+        return original(self, fn, *args, **kwargs)
+
+    def task() -> Any:
+        return als.get_store()
+
+    concurrent.futures.ThreadPoolExecutor.submit = instrumented_submit  # type: ignore[method-assign]
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    try:
+        off = als.run("r0", lambda: executor.submit(task).result(timeout=5))
+        asl_gevent.install()
+        on = [als.run(f"r{n}", lambda: executor.submit(task).result(timeout=5))
+              for n in (1, 2)]
+        assert (off, on) == (None, ["r1", "r2"])
+        assert seen == [("r0", "task"), ("r1", "task"), ("r2", "task")]
+    finally:
+        asl_gevent.uninstall()
+        executor.shutdown(wait=True)
+        concurrent.futures.ThreadPoolExecutor.submit = original  # type: ignore[method-assign]
+
+
 def test_real_threads_are_isolated(als: AsyncLocalStorage[str]) -> None:
     """Row 10: a real OS thread (no monkey-patching) starts empty, as in Python."""
     seen: list[Any] = []
@@ -216,7 +249,8 @@ def _gevent_attributes() -> dict[str, Any]:
     return {
         "spawn_raw": (gevent.spawn_raw, gevent.hub.spawn_raw),
         "rawlink": Greenlet.__dict__["rawlink"],
-        "submit": concurrent.futures.ThreadPoolExecutor.__dict__["submit"],
+        "executor": (concurrent.futures.thread._WorkItem,  # type: ignore[attr-defined]
+                     concurrent.futures.ThreadPoolExecutor.__dict__["_adjust_thread_count"]),
         "threadpool": (gevent.threadpool.ThreadResult,
                        gevent.threadpool.ThreadPool._WorkerGreenlet.__dict__["_before_run_task"],
                        gevent.threadpool.ThreadPool._WorkerGreenlet.__dict__["_after_run_task"]),

@@ -7,6 +7,7 @@ and is_installed() says which. Bounded: ROUNDS rounds, real threads, a
 5-second join timeout each. Prints one JSON line of everything that went wrong.
 """
 import concurrent.futures
+import concurrent.futures.thread
 import json
 import random
 import sys
@@ -33,7 +34,8 @@ SERVER = gevent.baseserver.BaseServer
 
 def attributes():
     return [Greenlet.run, Greenlet.rawlink, gevent.spawn_raw, gevent.hub.spawn_raw,
-            concurrent.futures.ThreadPoolExecutor.submit, AbstractLinkable.rawlink,
+            concurrent.futures.thread._WorkItem,
+            concurrent.futures.ThreadPoolExecutor._adjust_thread_count, AbstractLinkable.rawlink,
             gevent.threadpool.ThreadResult, WORKER._before_run_task, WORKER._after_run_task,
             SERVER.start, SERVER.do_handle, SERVER.close,
             gevent.pywsgi.WSGIHandler.handle_one_request]

@@ -28,7 +28,8 @@ GREENLET = gevent.greenlet.Greenlet
 
 def attributes():
     return [id(vars(GREENLET)["run"]), id(vars(GREENLET)["rawlink"]),
-            id(gevent.spawn_raw), id(gevent.hub.spawn_raw), "submit" in vars(FrozenExecutor)]
+            id(gevent.spawn_raw), id(gevent.hub.spawn_raw),
+            id(concurrent.futures.thread._WorkItem), "_adjust_thread_count" in vars(FrozenExecutor)]
 
 
 pristine = attributes()

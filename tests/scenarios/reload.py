@@ -28,7 +28,8 @@ def attributes():
     return {
         "run": vars(GREENLET)["run"], "rawlink": vars(GREENLET)["rawlink"],
         "spawn_raw": (gevent.spawn_raw, gevent.hub.spawn_raw),
-        "submit": vars(concurrent.futures.ThreadPoolExecutor)["submit"],
+        "executor": (concurrent.futures.thread._WorkItem,
+                     vars(concurrent.futures.ThreadPoolExecutor)["_adjust_thread_count"]),
         "threadpool": (gevent.threadpool.ThreadResult,
                        gevent.threadpool.ThreadPool._WorkerGreenlet._before_run_task),
         "server": vars(gevent.baseserver.BaseServer)["start"],
