@@ -72,6 +72,7 @@ def load_suite() -> types.ModuleType:
 
 # Shaped like gevent 26's runner output in quiet mode (colour codes included):
 # a combined group that failed, a single file that failed, a file that passed.
+# (test__c's header is in Python 3.10's format.)
 RUNNER_OUTPUT = """\
 \x1b[0mRunning tests in parallel with concurrency 2\x1b[0m
 \x1b[1;31m| GEVENTTEST_USE_RESOURCES=-network-urlfetch /v/bin/python -u -m unittest gevent.tests.test__a gevent.tests.test__b\x1b[0m
@@ -86,7 +87,7 @@ RUNNER_OUTPUT = """\
 \x1b[1;31m! GEVENTTEST_USE_RESOURCES=-network-urlfetch /v/bin/python -u -m unittest gevent.tests.test__a gevent.tests.test__b [code 1] \x1b[1;35m[Ran 7 tests in 0.2s]\x1b[0m
 \x1b[1;31m| GEVENTTEST_USE_RESOURCES=-network-urlfetch /v/bin/python -u -mgevent.tests.test__c\x1b[0m
   ======================================================================
-  ERROR: test_y (__main__.TestC.test_y)
+  ERROR: test_y (__main__.TestC)
   ----------------------------------------------------------------------
   Traceback (most recent call last):
   KeyError: 'run'
@@ -106,7 +107,8 @@ def test_gevent_suite_reads_which_file_and_test_failed() -> None:
     assert group.modules == ["gevent.tests.test__a", "gevent.tests.test__b"]
     assert list(group.tests) == ["gevent.tests.test__b.TestB.test_x"]
     assert suite.summary(group.tests["gevent.tests.test__b.TestB.test_x"]) == "AssertionError: 1 != 2"
-    # `python -m gevent.tests.test__c` names its tests __main__.*: mapped back to the file.
+    # `python -m gevent.tests.test__c` names its tests __main__.*: mapped back to the file;
+    # Python < 3.11 prints "test_y (module.Class)", without the method in the brackets.
     single = failures["gevent.tests.test__c"]
     assert list(single.tests) == ["gevent.tests.test__c.TestC.test_y"]
     assert suite.summary(single.tests["gevent.tests.test__c.TestC.test_y"]) == "KeyError: 'run'"
