@@ -12,10 +12,15 @@ path                                          hook
 pools, groups, patched threads, subclasses)   callback)
 ``gevent.spawn_raw``                          :func:`_spawn_raw`
 ``Greenlet.link*``/``rawlink`` callbacks      :func:`_rawlink`
+``Event``/``AsyncResult``/semaphore           :func:`_linkable_rawlink`
+``rawlink`` callbacks
 ``ThreadPoolExecutor.submit``/``map``         :func:`_executor_submit`
-``gevent.threadpool.ThreadPool.spawn``        :func:`_threadpool_spawn`
+``gevent.threadpool.ThreadPool`` tasks        :class:`_ThreadResult`,
+                                              :func:`_before_run_task`,
+                                              :func:`_after_run_task`
 ``BaseServer`` handlers (StreamServer, WSGI)  :func:`_server_start`,
-                                              :func:`_server_do_handle`
+                                              :func:`_server_do_handle`,
+                                              :func:`_server_close`
 ``pywsgi`` keep-alive requests                :func:`_wsgi_handle_one_request`
 ``Greenlet.run`` (drops a finished            :func:`_greenlet_run`
 greenlet's context)
@@ -24,9 +29,12 @@ greenlet's context)
 The hub is not a request. Code the hub runs for itself (loop callbacks,
 timers) may set context variables in the hub's own context; greenlets the hub
 spawns must not copy that, so they get an empty context -- unless the hub is
-running code *on behalf of* a captured context (a server accepting for the
-context it was started in, a ``rawlink`` callback), which we mark with
-:data:`_carried`.
+running code *on behalf of* a context (:func:`_hub_carries`): a server
+accepting for the context it was started in, a link callback, a function
+from ``bind``, ``snapshot`` or ``AsyncResource``, or an ``als.run`` the hub
+calls. Captured contexts are marked once, where they are captured
+(:data:`_carried`, :func:`capture_context`), so running them costs nothing
+more; ``run()`` is recognised without any mark, so it costs nothing either.
 
 :func:`uninstall` puts every patched attribute back as it was.
 """
@@ -34,17 +42,19 @@ context it was started in, a ``rawlink`` callback), which we mark with
 from __future__ import annotations
 
 import concurrent.futures.thread
+import copy
 import ctypes
 import gc
 from contextvars import Context, ContextVar, copy_context
 from types import MethodType
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 import gevent
 import gevent.baseserver
 import gevent.hub
 import gevent.pywsgi
 import gevent.threadpool
+from gevent._abstract_linkable import AbstractLinkable
 from gevent.greenlet import Greenlet, SpawnedLink
 from greenlet import getcurrent, greenlet
 
@@ -52,18 +62,70 @@ __all__ = ["install", "uninstall", "is_installed"]
 
 _Hub = gevent.hub.Hub
 
-#: True in a context that the hub runs code for on purpose (see module doc).
-_carried: ContextVar[bool] = ContextVar("asl_gevent.carried", default=False)
+#: Set where a context is captured for later: True when the hub may run (and
+#: spawn) code for it, False when the hub captured it for itself; unset
+#: elsewhere (see :func:`_hub_carries`).
+_carried: ContextVar[Optional[bool]] = ContextVar("asl_gevent.carried", default=None)
 
 #: ``(owner, name, original, owner_had_it_in_its_own_dict)`` for each patch.
 _patches: List[Tuple[Any, str, Any, bool]] = []
 _installed = False
 _ever_installed = False
 
+#: ``fn(glet)`` run after ours for ``spawn_raw``, which skips gevent's spawn
+#: callbacks (``asl_gevent._detach`` adds one while a ``detached()`` block is active).
+_spawn_raw_callbacks: List[Callable[[greenlet], None]] = []
+#: ``fn(installing)`` called by install() (True) and uninstall() (False):
+#: ``asl_gevent._detach`` marks the known library workers' starters.
+_companions: List[Callable[[bool], None]] = []
+
 
 def _carry(context: Context) -> Context:
     """Mark *context* as one the hub may run (and spawn) code for."""
     context.run(_carried.set, True)
+    return context
+
+
+def _noop() -> None:
+    pass
+
+
+def _hub_carries() -> bool:
+    """In the hub: does the current context belong to work it runs for someone?
+
+    A captured context says so itself (:data:`_carried`). An unmarked one is
+    the hub's own unless the hub entered it with :meth:`Context.run`, as
+    ``als.run(store, fn)`` does when a loop callback calls it: the hub's own
+    context is never entered that way (greenlet switches it in), and
+    entering an entered context raises :class:`RuntimeError` (documented
+    for :meth:`Context.run`). Only the hub's spawns and links pay for this
+    check; ``run()`` itself marks nothing and pays nothing.
+    """
+    carried = _carried.get()
+    if carried is not None:
+        return carried
+    context = getcurrent().gr_context
+    if context is None:
+        return False
+    try:
+        context.run(_noop)
+    except RuntimeError:
+        return True  # inside a Context.run: on behalf of that context
+    return False
+
+
+def capture_context() -> Context:
+    """``copy_context()`` for work that will run later, maybe in the hub.
+
+    ``bind``, ``snapshot`` and ``AsyncResource`` capture here. The copy is
+    marked once, now: carried, so that the hub running the captured work
+    hands its context to what that work spawns and links; or, captured by
+    the hub for itself, not carried, as the hub is not a request.
+    """
+    context = copy_context()
+    if _carried.get() is not True:
+        carried = not isinstance(getcurrent(), _Hub) or _hub_carries()
+        context.run(_carried.set, carried)
     return context
 
 
@@ -79,7 +141,7 @@ def _on_spawn(glet: greenlet) -> None:
     starts (SQLAlchemy's asyncio bridge and greenback do this) is left alone.
     """
     if glet.gr_context is None:
-        if not isinstance(getcurrent(), _Hub) or _carried.get():
+        if not isinstance(getcurrent(), _Hub) or _hub_carries():
             glet.gr_context = copy_context()
         else:
             glet.gr_context = Context()
@@ -107,7 +169,10 @@ def _greenlet_run(self: Greenlet) -> None:
     try:
         _orig_greenlet_run(self)
     finally:
-        if type(self).run is _greenlet_run:
+        # ``Greenlet.run`` rather than ``_greenlet_run``: a greenlet that
+        # finishes after uninstall() still lets go (the class then holds the
+        # original again, and a subclass that overrides run holds neither).
+        if type(self).run is Greenlet.run:
             self.gr_context = None
 
 
@@ -119,6 +184,8 @@ _orig_spawn_raw = gevent.hub.spawn_raw
 def _spawn_raw(function: Callable[..., Any], *args: Any, **kwargs: Any) -> greenlet:
     glet = _orig_spawn_raw(function, *args, **kwargs)
     _on_spawn(glet)  # not switched to yet: spawn_raw only schedules it
+    for callback in _spawn_raw_callbacks:
+        callback(glet)
     return glet
 
 
@@ -130,10 +197,14 @@ _spawn_raw.__wrapped__ = _orig_spawn_raw  # type: ignore[attr-defined]
 
 
 class _LinkInContext:
-    """A link callback that runs in the context captured at ``link()`` time.
+    """A link callback that runs in the context captured at ``rawlink()`` time.
 
-    Compares and hashes like the callback it wraps, so ``unlink(callback)``
-    still finds it (gevent removes links with ``list.remove``).
+    ``unlink(callback)`` removes what ``rawlink(callback)`` added: gevent
+    removes links with ``list.remove``, which asks each link ``link ==
+    callback``. This compares by identity first and only then, as gevent
+    would have, with the callback's own ``==``; it never looks inside the
+    argument (a ``Mock`` or any handler with a ``callback`` attribute is
+    compared as itself).
     """
 
     __slots__ = ("callback", "_context")
@@ -143,13 +214,16 @@ class _LinkInContext:
         self._context = context
 
     def __call__(self, source: Any) -> Any:
-        # Called once (gevent pops a link before calling it), in the hub for a
-        # rawlink or in a fresh raw greenlet for link(): a copy per call keeps
-        # the captured context enterable even if the callback blocks.
+        # Called in the hub (rawlink) or in a fresh raw greenlet (link()): a
+        # copy per call keeps the captured context enterable even if the
+        # callback blocks or is called again (Event links, re-linked waiters).
         return self._context.copy().run(self.callback, source)
 
     def __eq__(self, other: object) -> bool:
-        return bool(self.callback == getattr(other, "callback", other))
+        callback = self.callback
+        if other is callback or other is self:
+            return True  # identity decides: the callback's __eq__ is not asked
+        return bool(callback == other)
 
     def __hash__(self) -> int:
         return hash(self.callback)
@@ -160,54 +234,122 @@ class _LinkInContext:
 
 _orig_rawlink = Greenlet.rawlink
 _CFunction = type(getcurrent().switch)  # builtin_function_or_method
+_SPAWNED_LINK_TYPES = frozenset(
+    cls for cls in vars(gevent.greenlet).values()
+    if isinstance(cls, type) and issubclass(cls, SpawnedLink))
 
 
-#: Whether a class is gevent's own (``Group``, ``Waiter``, ``IMap``...), by class.
-_gevent_classes: Dict[type, bool] = {}
+#: Functions gevent defines that were seen as link callbacks' ``__func__``
+#: (``Group._discard``, ``wait``/``iwait``'s waiter...): only gevent's own,
+#: which live as long as gevent does, so this set keeps nothing of the
+#: user's alive. A set lookup is what makes ``gevent.wait`` and
+#: ``Pool.spawn`` cheap; it is capped in case gevent ever made such
+#: functions per call.
+_gevent_functions: Set[Any] = set()
+_GEVENT_FUNCTIONS_MAX = 1024
 
 
 def _is_bookkeeping(callback: Any) -> bool:
-    """True for gevent's own link callbacks, which read no context.
+    """True for gevent's own link callbacks, recognised by what they are.
 
-    ``join()``/``get()`` link the waiting greenlet's C-level ``switch`` (which
-    resumes that greenlet in *its* context); ``Pool``/``Group`` link their
-    ``_discard``, ``wait``/``iwait``/``imap`` a waiter's method. Wrapping them
-    would only cost time on every join and every pool spawn. A method of a
-    user's ``Greenlet`` subclass is not bookkeeping: it is wrapped.
+    * A greenlet's C-level ``switch``/``throw``: ``join()``, ``get()``,
+      ``wait()`` resume the waiting greenlet, which runs in *its* context.
+      (greenlet's own C methods are the only C code bound to a greenlet:
+      gevent's ``Greenlet`` methods and those of a user's subclass, Python
+      or Cython, are bound methods. Checking the name too would cost a new
+      string per ``join()``.)
+    * A method whose function gevent defines (``Group._discard``, a
+      ``Waiter``'s or ``wait``/``iwait``'s ``switch``, compiled or not),
+      also when a user's subclass inherits it.
+
+    Anything else is wrapped, C code included: a user's Cython or mypyc
+    function, a ``list.append`` or a generator's ``send`` may call back into
+    Python that reads a store. No class is looked at, so none is kept alive.
     """
-    if type(callback) is _CFunction:
-        return True  # C code runs nothing that could read a store
-    if type(callback) is not MethodType:
+    kind = type(callback)
+    if kind is MethodType:
+        function = callback.__func__
+        if function in _gevent_functions:
+            return True
+        module = getattr(function, "__module__", None)
+        if type(module) is str and module.startswith("gevent."):
+            if len(_gevent_functions) < _GEVENT_FUNCTIONS_MAX:
+                _gevent_functions.add(function)
+            return True
         return False
-    cls = type(callback.__self__)
-    owned = _gevent_classes.get(cls)
-    if owned is None:
-        owned = _gevent_classes[cls] = cls.__module__.startswith("gevent.")
-    return owned
+    if kind is _CFunction:
+        return isinstance(callback.__self__, greenlet)
+    return False
+
+
+def _in_link_context(callback: Any) -> Any:
+    """What ``rawlink`` should register for *callback*, linked from here.
+
+    A ``SpawnedLink`` (what ``link``/``link_value``/``link_exception`` pass)
+    runs its callback in a new raw greenlet, which would start empty: we
+    register a *new* link of the same kind around a wrapped callback, never
+    touching the caller's object, so one ``SpawnedLink`` linked from two
+    requests runs each time in that link's own context.
+    """
+    if isinstance(callback, SpawnedLink):
+        inner = callback.callback
+        if isinstance(inner, _LinkInContext) or _is_bookkeeping(inner):
+            return callback
+        wrapped = _LinkInContext(inner, copy_context())
+        cls = type(callback)
+        if cls in _SPAWNED_LINK_TYPES:
+            return cls(wrapped)
+        link = copy.copy(callback)  # a user subclass: keep its other state
+        link.callback = wrapped
+        return link
+    if isinstance(callback, _LinkInContext):
+        return callback  # re-linked by gevent (semaphore's unswitched waiters)
+    return _LinkInContext(callback, _carry(copy_context()))
 
 
 def _rawlink(self: Greenlet, callback: Any) -> None:
     """``Greenlet.rawlink`` that remembers the context current at link time.
 
-    ``link``, ``link_value`` and ``link_exception`` wrap the callback in a
-    ``SpawnedLink`` and come here too. A ``SpawnedLink`` runs its callback in
-    a new raw greenlet, which would start empty, so we wrap its (public,
-    writable) ``callback`` rather than the link itself.
+    ``link``, ``link_value`` and ``link_exception`` come here too.
     """
-    # Every join()/get() comes here with a greenlet's C-level ``switch``: a
-    # C callable runs no Python code that could read a store, so it is passed
-    # straight through before anything else is looked at (spawn + join is the
-    # hottest path this hook sits on; SPEC allows it 5%).
-    if (type(callback) is not _CFunction and not _is_bookkeeping(callback)
-            and callable(callback)
-            and (not isinstance(getcurrent(), _Hub) or _carried.get())):
-        if isinstance(callback, SpawnedLink):
-            inner = callback.callback
-            if not isinstance(inner, _LinkInContext) and not _is_bookkeeping(inner):
-                callback.callback = _LinkInContext(inner, copy_context())
-        elif not isinstance(callback, _LinkInContext):
-            callback = _LinkInContext(callback, _carry(copy_context()))
+    # Every join()/get() comes here with a greenlet's C-level ``switch``: it
+    # is recognised inline, before anything else is looked at (spawn + join
+    # is the hottest path this hook sits on; SPEC allows it 5%).
+    kind = type(callback)
+    if kind is _CFunction:
+        if isinstance(callback.__self__, greenlet):
+            _orig_rawlink(self, callback)
+            return
+    elif kind is MethodType and callback.__func__ in _gevent_functions:
+        _orig_rawlink(self, callback)  # Pool/Group's _discard
+        return
+    if (callable(callback) and not _is_bookkeeping(callback)
+            and (not isinstance(getcurrent(), _Hub) or _hub_carries())):
+        callback = _in_link_context(callback)
     _orig_rawlink(self, callback)
+
+
+# -- Event / AsyncResult / Semaphore / BoundedSemaphore rawlink ---------------
+
+_orig_linkable_rawlink = AbstractLinkable.rawlink
+
+
+def _linkable_rawlink(self: Any, callback: Any) -> None:
+    """``AbstractLinkable.rawlink``: callbacks run in their link-time context.
+
+    ``Event``, ``AsyncResult``, ``Semaphore`` and ``BoundedSemaphore`` share
+    this (compiled) base. Their own waits (``wait()``, ``get()``,
+    ``acquire()``) link from compiled code straight to the base's C
+    implementation and never come here; ``gevent.wait``/``iwait``/``joinall``
+    do, with a waiter's method that :func:`_is_bookkeeping` passes through.
+    """
+    if type(callback) is MethodType and callback.__func__ in _gevent_functions:
+        _orig_linkable_rawlink(self, callback)  # wait/iwait/joinall's waiter
+        return
+    if (callable(callback) and not _is_bookkeeping(callback)
+            and (not isinstance(getcurrent(), _Hub) or _hub_carries())):
+        callback = _in_link_context(callback)
+    _orig_linkable_rawlink(self, callback)
 
 
 # -- concurrent.futures.ThreadPoolExecutor (real or patched threads) ---------
@@ -234,16 +376,61 @@ def _executor_submit(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs:
 
 # -- gevent.threadpool.ThreadPool (real OS threads) --------------------------
 
-_orig_threadpool_spawn = gevent.threadpool.ThreadPool.spawn
+_orig_thread_result = gevent.threadpool.ThreadResult
+_Worker = gevent.threadpool.ThreadPool._WorkerGreenlet
+_orig_before_run_task = _Worker._before_run_task
+_orig_after_run_task = _Worker._after_run_task
+#: Where a worker keeps its own context while it runs a task.
+_WORKER_CONTEXT = "_asl_gevent_worker_context"
 
 
-def _threadpool_spawn(self: Any, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run the task in the worker thread inside a copy of the caller's context.
+class _ThreadResult(_orig_thread_result):  # type: ignore[misc,valid-type]
+    """gevent's per-task ``ThreadResult``, plus the spawning caller's context.
 
-    ``apply``, ``apply_async``, ``map``, ``imap`` and gevent's own
-    ``ThreadPoolExecutor`` all come through ``spawn``.
+    ``ThreadPool.spawn`` (which ``apply``, ``apply_async``, ``map``, ``imap``
+    and gevent's ``ThreadPoolExecutor`` use) makes one in the caller's
+    greenlet, so this is where the caller's context is at hand. Carrying it
+    here, rather than wrapping the task in ``Context.run``, lets the worker's
+    hooks (``_before_run_task``/``_after_run_task``, profilers, tracers) and
+    gevent's error reports see the user's own function and arguments.
     """
-    return _orig_threadpool_spawn(self, copy_context().run, func, *args, **kwargs)
+
+    __slots__ = ("asl_gevent_context",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.asl_gevent_context = copy_context()
+
+
+def _before_run_task(self: Any, func: Any, args: Any, kwargs: Any, thread_result: Any,
+                     *rest: Any, **options: Any) -> None:
+    """Enter the task's context in the worker, then gevent's own set-up.
+
+    The worker (a raw greenlet at the bottom of its OS thread, in no
+    ``Context.run``) swaps its ``gr_context``, which greenlet (>= 1.0)
+    allows on the running greenlet; :func:`_after_run_task` swaps it back.
+    Looked up by the worker for every task, so workers started before
+    install() carry contexts too.
+    """
+    context = getattr(thread_result, "asl_gevent_context", None)
+    if context is not None:
+        # From here the worker holds the context, and lets go of it in
+        # _after_run_task, however long gevent keeps the ThreadResult.
+        thread_result.asl_gevent_context = None
+        current = getcurrent()
+        self.__dict__[_WORKER_CONTEXT] = current.gr_context
+        current.gr_context = context
+    _orig_before_run_task(self, func, args, kwargs, thread_result, *rest, **options)
+
+
+def _after_run_task(self: Any, func: Any, args: Any, kwargs: Any, thread_result: Any,
+                    *rest: Any, **options: Any) -> None:
+    """gevent's own clean-up, then back to the worker's own context."""
+    try:
+        _orig_after_run_task(self, func, args, kwargs, thread_result, *rest, **options)
+    finally:
+        if _WORKER_CONTEXT in self.__dict__:
+            getcurrent().gr_context = self.__dict__.pop(_WORKER_CONTEXT)
 
 
 # -- gevent.baseserver.BaseServer: StreamServer, WSGIServer, gunicorn --------
@@ -254,8 +441,12 @@ _orig_server_do_handle = gevent.baseserver.BaseServer.do_handle
 
 
 def _server_start(self: Any) -> None:
-    """Remember the context the server was started in, for its handlers."""
-    if not isinstance(getcurrent(), _Hub):
+    """Remember the context the server was started in, for its handlers.
+
+    Not when the hub starts it for itself; when it starts it on behalf of a
+    captured context (bound work, a link callback), that context counts.
+    """
+    if not isinstance(getcurrent(), _Hub) or _hub_carries():
         self.__dict__[_SERVER_CONTEXT] = _carry(copy_context())
     _orig_server_start(self)
 
@@ -270,6 +461,17 @@ def _server_do_handle(self: Any, *args: Any) -> Any:
     if context is None:
         return _orig_server_do_handle(self, *args)
     return context.copy().run(_orig_server_do_handle, self, *args)
+
+
+_orig_server_close = gevent.baseserver.BaseServer.close
+
+
+def _server_close(self: Any) -> None:
+    """Let go of the start-time context: a stopped server holds no request."""
+    try:
+        _orig_server_close(self)
+    finally:
+        self.__dict__.pop(_SERVER_CONTEXT, None)
 
 
 # -- gevent.pywsgi keep-alive: several requests in one greenlet ---------------
@@ -339,10 +541,20 @@ def install() -> None:
     _patch(gevent.hub, "spawn_raw", _spawn_raw)
     _patch(Greenlet, "rawlink", _rawlink)
     _patch(concurrent.futures.thread.ThreadPoolExecutor, "submit", _executor_submit)
-    _patch(gevent.threadpool.ThreadPool, "spawn", _threadpool_spawn)
     _patch(gevent.baseserver.BaseServer, "start", _server_start)
     _patch(gevent.baseserver.BaseServer, "do_handle", _server_do_handle)
     _patch(gevent.pywsgi.WSGIHandler, "handle_one_request", _wsgi_handle_one_request)
+    # -- links/hardening (issue 8, points 1-4, 10, 11): the links branch's
+    # hooks, self-contained above; the integrator may move this block into
+    # the install branch's registry as it is.
+    _patch(AbstractLinkable, "rawlink", _linkable_rawlink)
+    _patch(gevent.threadpool, "ThreadResult", _ThreadResult)
+    _patch(_Worker, "_before_run_task", _before_run_task)
+    _patch(_Worker, "_after_run_task", _after_run_task)
+    _patch(gevent.baseserver.BaseServer, "close", _server_close)
+    # -- end links/hardening
+    for companion in _companions:
+        companion(True)
 
 
 def uninstall() -> None:
@@ -355,6 +567,8 @@ def uninstall() -> None:
     if not _installed:
         return
     Greenlet.remove_spawn_callback(_on_spawn)
+    for companion in _companions:
+        companion(False)
     while _patches:
         _unpatch(*_patches.pop())
     _installed = False

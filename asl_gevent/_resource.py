@@ -16,10 +16,10 @@ None
 from __future__ import annotations
 
 import builtins
-from contextvars import copy_context
 from typing import Any, Callable, TypeVar
 
 from ._context import bound_to, call_in, check_callable
+from ._hooks import capture_context
 
 R = TypeVar("R")
 
@@ -63,7 +63,7 @@ class AsyncResource:
                 "require_manual_destroy (accepted for porting, ignored)"
             )
         self.type = type
-        self._context = copy_context()
+        self._context = capture_context()
 
     def run_in_async_scope(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` in a copy of the captured context."""

@@ -26,19 +26,32 @@ from __future__ import annotations
 
 from contextvars import ContextVar, copy_context
 from types import CoroutineType
-from typing import Any, Callable, Generic, Optional, TypeVar
+from typing import Any, Callable, Generic, List, Optional, TypeVar
+from weakref import WeakSet
 
 from greenlet import getcurrent
 
 from ._context import bound_to, call_in, check_callable, in_context
-from ._hooks import install_on_first_use
+from ._hooks import capture_context, install_on_first_use
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 _set_var = ContextVar.set
 
-__all__ = ["AsyncLocalStorage", "bind", "snapshot"]
+__all__ = ["AsyncLocalStorage", "bind", "snapshot", "named_storages"]
+
+# Storages made with a name, for the cross-process integrations
+# (asl_gevent.celery sends the stores of named storages and restores them by
+# name in the worker). Weak: registering a storage never keeps it alive. All
+# of them, not one per name: a library or a test may make a second storage
+# with a name in use, and that must not hide the first one's stores.
+_NAMED: "WeakSet[AsyncLocalStorage[Any]]" = WeakSet()
+
+
+def named_storages() -> List["AsyncLocalStorage[Any]"]:
+    """A snapshot of the live storages made with a non-empty ``name``."""
+    return list(_NAMED)
 
 
 def bind(fn: Callable[..., R]) -> Callable[..., R]:
@@ -49,7 +62,7 @@ def bind(fn: Callable[..., R]) -> Callable[..., R]:
     greenlets or threads at once; what *fn* changes is gone when it returns.
     """
     check_callable(fn, "AsyncLocalStorage.bind()")
-    return bound_to(copy_context(), fn)
+    return bound_to(capture_context(), fn)
 
 
 def snapshot() -> Callable[..., Any]:
@@ -58,7 +71,7 @@ def snapshot() -> Callable[..., Any]:
     ``runner`` calls *fn* in a copy of the captured context, like a function
     made by :func:`bind` that takes the function as its first argument.
     """
-    captured = copy_context()
+    captured = capture_context()
 
     def runner(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         check_callable(fn, "AsyncLocalStorage.snapshot() runner")
@@ -147,6 +160,8 @@ class AsyncLocalStorage(Generic[T]):
         self._default = default
         self._var: ContextVar[Any]
         self._new_var()
+        if name:
+            _NAMED.add(self)
         install_on_first_use()
 
     def _new_var(self) -> None:

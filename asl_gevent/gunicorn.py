@@ -57,11 +57,12 @@ gunicorn stays an optional dependency (``pip install asl_gevent[gunicorn]``).
 from __future__ import annotations
 
 from contextvars import copy_context
-from typing import Any
+from typing import Any, Callable, Optional
 
 from gunicorn.workers import ggevent
 
 from ._hooks import install
+from ._watch import LeakWatch, leak_watch_delay
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
 
@@ -72,7 +73,17 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
     Use as ``gunicorn -k asl_gevent.gunicorn.GeventWorker``.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 the :attr:`leak_watch` attribute.
     """
+
+    #: Seconds after which a store a request left in a live greenlet or
+    #: patched thread is logged (``asl_gevent.leak``, once per holder).
+    #: ``None`` reads ``ASL_GEVENT_LEAK_WATCH`` (``gunicorn -e
+    #: ASL_GEVENT_LEAK_WATCH=5``), ``0`` is off; or set it in a subclass.
+    #: (``GeventPyWSGIWorker`` serves through pywsgi, not ``handle_request``:
+    #: there, use the middleware's ``leak_watch``.)
+    leak_watch: Optional[float] = None
+    _leak_watch: Optional[LeakWatch] = None
 
     def patch(self) -> None:
         """Monkey-patch (gunicorn), then install the propagation hooks.
@@ -82,6 +93,19 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         """
         super().patch()
         install()
+        delay = leak_watch_delay(self.leak_watch, f"{type(self).__name__}.leak_watch")
+        self._leak_watch = LeakWatch(delay) if delay is not None else None
+
+    def _in_request_context(self, handle: Callable[..., Any], *args: Any) -> Any:
+        context = copy_context()
+        watch = self._leak_watch
+        if watch is None:
+            return context.run(handle, *args)
+        marker = watch.begin(context)
+        try:
+            return context.run(handle, *args)
+        finally:
+            watch.end(marker)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         """Serve one HTTP/1 request in a copy of the connection's context.
@@ -89,7 +113,7 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         ``Context.run`` rather than a token reset: the copy is simply dropped
         afterwards, whatever the app set and however it ended (gevent#1930).
         """
-        return copy_context().run(super().handle_request, listener_name, req, sock, addr)
+        return self._in_request_context(super().handle_request, listener_name, req, sock, addr)
 
     def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any,
                              h2_conn: Any) -> Any:
@@ -98,8 +122,8 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         gunicorn (>= 24) serves the streams of an HTTP/2 connection one after
         the other in the connection's greenlet, like keep-alive requests.
         """
-        return copy_context().run(super().handle_http2_request,
-                                  listener_name, req, sock, addr, h2_conn)
+        return self._in_request_context(super().handle_http2_request,
+                                        listener_name, req, sock, addr, h2_conn)
 
 
 class GeventPyWSGIWorker(GeventWorker, ggevent.GeventPyWSGIWorker):  # type: ignore[misc]

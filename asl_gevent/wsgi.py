@@ -36,11 +36,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from contextvars import Context, copy_context
+from contextvars import Context, ContextVar, copy_context
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
-                    Optional, Tuple, TypeVar)
+                    Optional, Sequence, Tuple, TypeVar)
 
 from ._storage import AsyncLocalStorage
+from ._watch import LeakWatch, leak_watch_delay
 
 __all__ = ["RequestContextMiddleware", "request_storage", "get_request_id", "request_id_from"]
 
@@ -58,6 +59,12 @@ request_storage: AsyncLocalStorage[Dict[str, Any]] = AsyncLocalStorage(name="req
 # quotes, no control characters, no CR/LF that could split a header).
 _ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+# Set in a request's context only by a middleware with a non-default storage
+# or header (the default costs nothing), so that asl_gevent.http sends the id
+# in the header this service's middleware reads, from the storage it fills.
+_OUTGOING: ContextVar[Tuple[AsyncLocalStorage[Any], str]] = ContextVar(
+    "asl_gevent.wsgi.outgoing")
 
 Headers = List[Tuple[str, str]]
 StartResponse = Callable[..., Any]
@@ -132,6 +139,12 @@ class RequestContextMiddleware:
         instead of the default ``{"request_id": id}``. The store is then
         yours; if it is a mapping with a ``"request_id"`` (or an object with a
         ``request_id`` attribute) that passes the id rules, it is echoed.
+    :param baggage: named storages to restore from the incoming W3C
+        ``baggage`` header, as :func:`asl_gevent.http.install` sends them: a
+        member ``name=value`` becomes the str store ``value``, members
+        ``name.key=value`` the store ``{key: value, ...}``. Storages with no
+        member keep the store the request started with. Empty by default.
+        New in 0.2.
 
     Incoming ids are used only if they are 1 to 128 characters from
     ``A-Z a-z 0-9 . _ : @ / + = -``; anything else (too long, spaces, control
@@ -151,10 +164,13 @@ class RequestContextMiddleware:
     context.
 
     :raises TypeError: if *app* or *store_factory* is not callable, *storage*
-        is not an :class:`~asl_gevent.AsyncLocalStorage` or *header* not a str.
-    :raises ValueError: if *header* is not a valid header name.
+        (or an item of *baggage*) is not an :class:`~asl_gevent.AsyncLocalStorage`
+        or *header* not a str.
+    :raises ValueError: if *header* is not a valid header name, or a *baggage*
+        storage's name is not a header token.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 the *leak_watch* argument.
     """
 
     def __init__(
@@ -165,6 +181,8 @@ class RequestContextMiddleware:
         header: str = "X-Request-ID",
         echo_header: bool = True,
         store_factory: Optional[Callable[[Dict[str, Any]], Any]] = None,
+        leak_watch: Optional[float] = None,
+        baggage: Sequence[AsyncLocalStorage[Any]] = (),
     ) -> None:
         if not callable(app):
             raise TypeError(
@@ -203,6 +221,11 @@ class RequestContextMiddleware:
         self.store_factory = store_factory
         self._environ_key = "HTTP_" + header.upper().replace("-", "_")
         self._header_lower = header.lower()
+        delay = leak_watch_delay(leak_watch, "RequestContextMiddleware()")
+        self._watch = LeakWatch(delay) if delay is not None else None
+        self.baggage = _check_baggage(baggage, "RequestContextMiddleware()")
+        self._outgoing = (None if storage is request_storage and self._header_lower == "x-request-id"
+                          else (storage, header))
 
     def __repr__(self) -> str:
         return (f"<RequestContextMiddleware app={self.app!r} "
@@ -214,6 +237,13 @@ class RequestContextMiddleware:
 
     def __call__(self, environ: Dict[str, Any],
                  start_response: StartResponse) -> Iterable[bytes]:
+        if self._watch is not None:
+            return self._watch.call(  # type: ignore[no-any-return]
+                self._serve, environ, start_response, _ResponseInContext)
+        return self._serve(environ, start_response)
+
+    def _serve(self, environ: Dict[str, Any],
+               start_response: StartResponse) -> Iterable[bytes]:
         # A fresh copy of whatever context the server runs us in: what the
         # request sets lives and dies with this copy, whatever the server does
         # between requests on one connection.
@@ -231,6 +261,12 @@ class RequestContextMiddleware:
             if request_id is not None and _ID_RE.fullmatch(request_id) is None:
                 request_id = None
         context.run(self.storage.enter_with, store)
+        if self._outgoing is not None:
+            context.run(_OUTGOING.set, self._outgoing)
+        if self.baggage:
+            incoming = environ.get("HTTP_BAGGAGE")
+            if isinstance(incoming, str) and incoming:
+                _restore_baggage(context, self.baggage, incoming)
 
         if self.echo_header and request_id is not None:
             start_response = self._echoing(start_response, request_id)
@@ -259,6 +295,39 @@ class RequestContextMiddleware:
             return start_response(status, headers, exc_info)
 
         return echoing_start_response
+
+
+def _check_baggage(baggage: Any, where: str) -> Tuple[AsyncLocalStorage[Any], ...]:
+    """Validate a ``baggage=`` argument: named storages whose names are tokens."""
+    from ._baggage import TOKEN_RE
+    if isinstance(baggage, (str, AsyncLocalStorage)):
+        raise TypeError(f"{where} argument 'baggage' must be a sequence of "
+                        f"AsyncLocalStorage, not {type(baggage).__name__!r}; "
+                        f"e.g. baggage=[tenant_storage]")
+    try:
+        storages = tuple(baggage)
+    except TypeError:
+        raise TypeError(f"{where} argument 'baggage' must be a sequence of "
+                        f"AsyncLocalStorage, not {type(baggage).__name__!r}") from None
+    for storage in storages:
+        if not isinstance(storage, AsyncLocalStorage):
+            raise TypeError(f"{where} argument 'baggage' must hold AsyncLocalStorage "
+                            f"instances, not {type(storage).__name__!r}")
+        if TOKEN_RE.fullmatch(storage.name) is None:
+            raise ValueError(f"{where} argument 'baggage': {storage!r} needs a name "
+                             f"that is a header token (letters, digits, '-', '_', '.'), "
+                             f"e.g. AsyncLocalStorage(name='tenant')")
+    return storages
+
+
+def _restore_baggage(context: Context, storages: Tuple[AsyncLocalStorage[Any], ...],
+                     header: str) -> None:
+    from ._baggage import decode, store_from
+    members = decode(header)
+    for storage in storages:
+        store = store_from(storage.name, members)
+        if store is not None:
+            context.run(storage.enter_with, store)
 
 
 def _rebind_close(result: Any, context: Context) -> None:

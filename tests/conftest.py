@@ -50,3 +50,23 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool:
     names = pyfuncitem._fixtureinfo.argnames
     contextvars.copy_context().run(pyfuncitem.obj, **{n: funcargs[n] for n in names})
     return True
+
+
+# -- cross-process tests (issue 10): one real redis-server per session ----------
+
+_redis_dbs = iter(range(1, 64))
+
+
+@pytest.fixture(scope="session", name="redis_base")
+def _redis_base() -> Iterator[str]:
+    """A throwaway redis-server on a free 127.0.0.1 port for the whole session,
+    stopped by its pid at the end. Fails (never skips) without redis-server."""
+    from xproc_helpers import redis_server
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(name="broker")
+def _broker(redis_base: str) -> str:
+    """A Redis URL on a database of its own: no test sees another's messages."""
+    return f"{redis_base}/{next(_redis_dbs)}"

@@ -27,7 +27,9 @@ import time
 from typing import Any, Callable, Dict
 
 import gevent
+import gevent.event
 import gevent.hub
+import gevent.lock
 import gevent.monkey
 import gevent.pool
 import gevent.threadpool
@@ -99,6 +101,26 @@ def _linked(method: str, fail: bool = False) -> Path:
         g.start()
         result: AsyncResult = AsyncResult()
         getattr(g, method)(lambda source: result.set(fn()))
+        return result.get(timeout=10)
+
+    return path
+
+
+def _linkable(kind: str) -> Path:
+    """Row 4, second half: an Event/AsyncResult/semaphore rawlink callback."""
+    def path(fn: Callable[[], Any]) -> Any:
+        result: AsyncResult = AsyncResult()
+        if kind == "Event":
+            target: Any = gevent.event.Event()
+            ready: Callable[[], Any] = target.set
+        elif kind == "AsyncResult":
+            target = AsyncResult()
+            ready = lambda: target.set(None)  # noqa: E731
+        else:
+            target = gevent.lock.Semaphore(0)
+            ready = target.release
+        target.rawlink(lambda _source: result.set(fn()))
+        gevent.spawn_later(0.001, ready)
         return result.get(timeout=10)
 
     return path
@@ -182,6 +204,9 @@ GREENLET_PATHS: Dict[str, Path] = {
     "Greenlet.link_value": _linked("link_value"),
     "Greenlet.link_exception": _linked("link_exception", fail=True),
     "Greenlet.rawlink": _linked("rawlink"),
+    "Event.rawlink": _linkable("Event"),
+    "AsyncResult.rawlink": _linkable("AsyncResult"),
+    "Semaphore.rawlink": _linkable("Semaphore"),
     "ThreadPool.spawn": lambda fn: THREADPOOL.spawn(fn).get(timeout=10),
     "ThreadPool.apply": lambda fn: THREADPOOL.apply(fn),
     "ThreadPool.apply_async": lambda fn: THREADPOOL.apply_async(fn).get(timeout=10),

@@ -15,11 +15,11 @@ import os
 import re
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import pytest
 
-from asl_gevent.bench import NAMES
+from asl_gevent.bench.__main__ import NAMES
 from helpers import ROOT
 
 MARKS = {"PASS", "pass*", "MISS", "-"}
@@ -124,3 +124,21 @@ def test_bad_options_exit_2_with_a_clear_message(args: tuple[str, ...], message:
     assert proc.returncode == 2
     assert re.search(message, proc.stderr), proc.stderr
     assert "|" not in proc.stdout
+
+
+def test_cross_process_figures_say_skipped_when_an_extra_is_missing(tmp_path: Any) -> None:
+    """Without celery or requests importable (shadowed here), their figures are
+    skipped with a reason, the run still exits 0, the rest of the table prints."""
+    for name in ("celery", "requests"):
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('no {name} here')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
+    proc = subprocess.run([sys.executable, "-m", "asl_gevent.bench", "--quick",
+                           "--only", "http", "--only", "celery", "--only", "run"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "celery/solo: skipped: celery not installed (pip install 'asl_gevent[celery]')" \
+        in proc.stdout.splitlines()
+    assert "http/requests_get: skipped: requests not installed (pip install " \
+        "'asl_gevent[http]')" in proc.stdout.splitlines()
+    assert list(table_rows(proc.stdout)) == ["run/token_wrapper"]

@@ -9,8 +9,9 @@ import pytest
 
 from helpers import ROOT
 
-MODULES = ["asl_gevent._storage", "asl_gevent._resource", "asl_gevent.wsgi",
-           "asl_gevent.logfilter", "asl_gevent.gunicorn"]
+MODULES = ["asl_gevent._storage", "asl_gevent._resource", "asl_gevent._detach",
+           "asl_gevent.debug", "asl_gevent.wsgi", "asl_gevent.logfilter", "asl_gevent.gunicorn",
+           "asl_gevent.http", "asl_gevent._baggage", "asl_gevent.celery"]
 
 
 def test_readme_examples() -> None:

@@ -8,12 +8,13 @@ checked line by line: every log line carries its own request's id.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import tempfile
 from collections import Counter
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import pytest
 
@@ -114,3 +115,76 @@ def test_otel_spans_prints_whole_trees() -> None:
         "  render  (OS thread, gevent ThreadPool)",
     ]
     assert shape == [row.replace("{n}", str(n)) for n in (1, 2, 3) for row in tree]
+
+
+def test_across_processes_prints_each_requests_lines_from_three_processes() -> None:
+    """Three requests through gunicorn: each group holds the front's three
+    lines, the stock service's line and the three task lines (the chain's
+    second step names the first as its parent), all under the request's id;
+    the task queued outside a request is under '-'."""
+    groups: Dict[str, List[str]] = {}
+    current = None
+    for line in output_lines("across_processes.py"):
+        if line.startswith("== "):
+            current = line.split()[1]
+            groups[current] = []
+            continue
+        assert current is not None, line
+        groups[current].append(line)
+    assert sorted(groups) == ["-", "req-1", "req-2", "req-3"]
+    for n in (1, 2, 3):
+        lines = groups[f"req-{n}"]
+        messages = sorted(re.sub(r"\s+task=.*", "", line) for line in lines)
+        assert messages == sorted([
+            f"front     GET /order/{n}",
+            f"front     asking the stock service for order {n}",
+            f"front     queued receipt and reserve|charge for order {n}",
+            f"stock     GET /stock/{n}",
+            f"worker    send receipt for order {n}",
+            f"worker    reserve stock for order {n}",
+            f"worker    charge order {n}",
+        ])
+        tasks = {}
+        for line in lines:
+            match = re.fullmatch(r"worker +(\w+) .*task=(\S+) parent=(\S+)", line)
+            if match:
+                tasks[match[1]] = (match[2], match[3])
+        assert tasks["send"][1] == "-" and tasks["reserve"][1] == "-"
+        assert tasks["charge"][1] == tasks["reserve"][0]  # the chain's second step
+    assert [re.sub(r"\s+task=.*", "", line) for line in groups["-"]] == [
+        "worker    nightly report -1"]
+
+
+def _across(*args: str) -> Dict[str, Any]:
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run([sys.executable, str(EXAMPLES / "across_processes.py"),
+                               "--summary", *args],
+                              capture_output=True, text=True, timeout=240, cwd=cwd)
+    assert proc.returncode == 0, f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+def test_across_processes_load_every_line_carries_its_requests_id() -> None:
+    """1,000 requests from 50 clients through gunicorn -w 2; each calls the
+    stock service and queues a task and a two-step chain on a gevent worker
+    (-c 50): 0 lines with a wrong id, 0 without one; the 5 tasks queued
+    outside a request log no id."""
+    summary = _across("--requests", "1000", "--clients", "50", "--outside", "5")
+    assert summary["lines"] == {
+        "front": {"ok": 3000, "wrong": 0, "missing": 0},
+        "stock": {"ok": 1000, "wrong": 0, "missing": 0},
+        "worker": {"ok": 3005, "wrong": 0, "missing": 0},
+    }, summary
+
+
+def test_across_processes_negative_control_without_the_integration() -> None:
+    """Same stack without asl_gevent.http/celery: the stock service and the
+    worker lose the id (the front still has it from its middleware)."""
+    summary = _across("--requests", "20", "--clients", "10", "--outside", "2",
+                      "--without-integration")
+    assert summary["lines"] == {
+        "front": {"ok": 60, "wrong": 0, "missing": 0},
+        "stock": {"ok": 0, "wrong": 0, "missing": 20},
+        "worker": {"ok": 2, "wrong": 0, "missing": 60},
+    }, summary

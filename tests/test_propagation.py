@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 import gevent
+import gevent._abstract_linkable
 import gevent.baseserver
 import gevent.hub
 import gevent.pywsgi
@@ -216,9 +217,13 @@ def _gevent_attributes() -> dict[str, Any]:
         "spawn_raw": (gevent.spawn_raw, gevent.hub.spawn_raw),
         "rawlink": Greenlet.__dict__["rawlink"],
         "submit": concurrent.futures.ThreadPoolExecutor.__dict__["submit"],
-        "threadpool": gevent.threadpool.ThreadPool.__dict__["spawn"],
+        "threadpool": (gevent.threadpool.ThreadResult,
+                       gevent.threadpool.ThreadPool._WorkerGreenlet.__dict__["_before_run_task"],
+                       gevent.threadpool.ThreadPool._WorkerGreenlet.__dict__["_after_run_task"]),
+        "linkable": gevent._abstract_linkable.AbstractLinkable.__dict__["rawlink"],
         "server": (gevent.baseserver.BaseServer.__dict__["start"],
-                   gevent.baseserver.BaseServer.__dict__["do_handle"]),
+                   gevent.baseserver.BaseServer.__dict__["do_handle"],
+                   gevent.baseserver.BaseServer.__dict__["close"]),
         "pywsgi": gevent.pywsgi.WSGIHandler.__dict__["handle_one_request"],
     }
 

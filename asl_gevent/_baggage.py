@@ -1,0 +1,109 @@
+"""W3C ``baggage`` for named stores: encode on the way out, decode on the way in.
+
+Shared by :mod:`asl_gevent.http` (sending) and :mod:`asl_gevent.wsgi`
+(receiving); it needs no third-party library, so the middleware can restore
+baggage without ``requests`` installed.
+
+A storage named ``tenant`` travels as members of the header
+(https://www.w3.org/TR/baggage/):
+
+- a string store ``"acme"``                 -> ``tenant=acme``
+- a flat mapping ``{"plan": "gold"}``        -> ``tenant.plan=gold``
+
+Values are percent-encoded (UTF-8); names and keys must be RFC 7230 tokens.
+The limits are the spec's: at most 180 members and 8192 bytes in all;
+members past either limit are dropped whole (never cut in the middle).
+
+>>> encode_members([("tenant", "acme corp"), ("user.role", "admin;x")])
+('tenant=acme%20corp,user.role=admin%3Bx', 0)
+>>> sorted(decode("tenant=acme%20corp, user.role = admin%3Bx;prop, bad key=1").items())
+[('tenant', 'acme corp'), ('user.role', 'admin;x')]
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from urllib.parse import quote, unquote
+
+__all__ = ["MAX_MEMBERS", "MAX_BYTES", "members_of", "encode_members", "decode", "store_from"]
+
+#: W3C Baggage, "Limits": at most 180 list-members ...
+MAX_MEMBERS = 180
+#: ... and at most 8192 bytes for all of them (the header value).
+MAX_BYTES = 8192
+
+# RFC 7230 token: what a baggage key may be.
+TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# baggage-octet minus '%' (the escape itself): printable ASCII except
+# space, DQUOTE, ',', ';' and '\'. quote() escapes everything else.
+_SAFE = "!#$&'()*+-./:<=>?@[]^_`{|}~"
+
+
+def members_of(name: str, store: Any) -> Optional[List[Tuple[str, str]]]:
+    """The (key, value) members for *store* of the storage called *name*.
+
+    ``None`` when the store is neither a str nor a flat mapping of
+    token-named str keys to str values (the caller warns once).
+    """
+    if isinstance(store, str):
+        return [(name, store)]
+    if isinstance(store, Mapping):
+        members = []
+        for key, value in store.items():
+            if not (isinstance(key, str) and isinstance(value, str)
+                    and TOKEN_RE.fullmatch(key)):
+                return None
+            members.append((f"{name}.{key}", value))
+        return members
+    return None
+
+
+def encode_members(members: Iterable[Tuple[str, str]]) -> Tuple[str, int]:
+    """Join *members* into one header value; return it and how many were dropped."""
+    parts: List[str] = []
+    size = 0
+    dropped = 0
+    for key, value in members:
+        part = f"{key}={quote(value, safe=_SAFE)}"
+        # +1 for the comma that joins this member to the previous one.
+        added = len(part) + (1 if parts else 0)
+        if len(parts) >= MAX_MEMBERS or size + added > MAX_BYTES:
+            dropped += 1
+            continue
+        parts.append(part)
+        size += added
+    return ",".join(parts), dropped
+
+
+def decode(header: str) -> Dict[str, str]:
+    """Parse a ``baggage`` header value into ``{key: value}``.
+
+    Members with a malformed key or value are skipped; properties (after
+    ``;``) are ignored; parsing stops at the spec's limits. Never raises.
+    """
+    found: Dict[str, str] = {}
+    size = 0
+    for count, member in enumerate(header.split(",")):
+        size += len(member) + (1 if count else 0)
+        if count >= MAX_MEMBERS or size > MAX_BYTES:
+            break
+        key, sep, value = member.split(";", 1)[0].partition("=")
+        key, value = key.strip(" \t"), value.strip(" \t")
+        if not sep or TOKEN_RE.fullmatch(key) is None:
+            continue
+        try:
+            found[key] = unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            continue
+    return found
+
+
+def store_from(name: str, members: Mapping[str, str]) -> Union[str, Dict[str, str], None]:
+    """The store for the storage called *name* from decoded *members*, or ``None``."""
+    if name in members:
+        return members[name]
+    prefix = name + "."
+    mapping = {key[len(prefix):]: value for key, value in members.items()
+               if key.startswith(prefix) and len(key) > len(prefix)}
+    return mapping or None

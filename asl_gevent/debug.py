@@ -1,0 +1,141 @@
+"""Run info with stores: which request is this stuck greenlet serving?
+
+:func:`format_run_info` is gevent's :func:`gevent.util.format_run_info` (every
+thread's stack, then every live greenlet in every thread's hub, as a spawn
+tree) with one more entry per greenlet: the stores its context holds, each as
+the storage's name and a short, truncated ``repr`` -- never a full dump of a
+store. A greenlet serving a request watched by the leak watch also shows that
+the request has ended.
+
+>>> import gevent
+>>> from asl_gevent import AsyncLocalStorage
+>>> from asl_gevent.debug import format_run_info
+>>> als = AsyncLocalStorage(name="request")
+>>> stuck = als.run({"request_id": "r-stuck"}, gevent.spawn, gevent.sleep, 30)
+>>> gevent.sleep(0)
+>>> lines = format_run_info(thread_stacks=False)
+>>> [line.strip(" :|") for line in lines if "Stores:" in line and "r-stuck" in line]
+["Stores: request={'request_id': 'r-stuck'}"]
+>>> stuck.kill()
+
+:func:`install_signal_handler` prints it to ``stderr`` when the process gets
+a signal (``SIGUSR1`` unless told otherwise), like ``faulthandler`` but for
+greenlets: ``kill -USR1 <pid>``. It is opt-in: nothing is installed by import.
+
+.. versionadded:: 0.2
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any, List, Optional, TextIO
+
+from gevent import util as _gevent_util
+from greenlet import greenlet
+
+from ._watch import format_stores, request_marker, stores_in
+
+__all__ = ["format_run_info", "print_run_info", "install_signal_handler",
+           "uninstall_signal_handler", "stores_of"]
+
+
+def stores_of(glet: greenlet) -> str:
+    """``name=repr, ...`` of the stores *glet*'s context holds ('' for none)."""
+    try:
+        context = glet.gr_context
+    except (ValueError, AttributeError):  # the running greenlet of another thread
+        return ""
+    if context is None:
+        return ""
+    text = format_stores([(name, store) for name, store in stores_in(context)
+                          if store is not None])
+    marker = context.get(request_marker)
+    if text and marker is not None and marker.ended:
+        text += "  (its request has ended)"
+    return text
+
+
+class _StoreTree(_gevent_util.GreenletTree):  # type: ignore[misc]  # gevent is untyped
+    """gevent's greenlet tree, with a ``Stores:`` entry per greenlet."""
+
+    # gevent (>= 1.3, checked on 26.9) renders a greenlet's gevent.local
+    # values in this name-mangled method, right before its children; that is
+    # where the stores belong too.
+    def _GreenletTree__render_locals(self, tree: Any) -> None:  # noqa: N802
+        super()._GreenletTree__render_locals(tree)
+        text = stores_of(self.greenlet)
+        if text:
+            tree.child_data("Stores: " + text)
+
+
+def format_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
+                    limit: Optional[int] = None) -> List[str]:
+    """gevent's run info (threads, then the greenlet trees) with each greenlet's stores.
+
+    The parameters are those of :func:`gevent.util.format_run_info`.
+
+    .. versionadded:: 0.2
+    """
+    from gevent import monkey
+
+    lines: List[str] = []
+    current = monkey.get_original("_thread", "get_ident")()
+    _gevent_util._format_thread_info(lines, thread_stacks, limit, current)
+    lines.append("*" * 80)
+    lines.append("* Greenlets, with the stores of asl_gevent")
+    lines.append("*" * 80)
+    for tree in sorted(_StoreTree.forest(),
+                       key=lambda t: "" if t.is_current_tree else repr(t.greenlet)):
+        lines.append("---- Thread boundary")
+        lines.extend(tree.format_lines(details={
+            # As gevent does: another thread's greenlets would show our stack.
+            "running_stacks": greenlet_stacks if tree.is_current_tree else False,
+            "running_stack_limit": limit,
+        }))
+    return lines
+
+
+def print_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
+                   limit: Optional[int] = None, file: Optional[TextIO] = None) -> None:
+    """Print :func:`format_run_info` to *file* (``sys.stderr`` by default).
+
+    .. versionadded:: 0.2
+    """
+    out = file if file is not None else sys.stderr
+    for line in format_run_info(thread_stacks, greenlet_stacks, limit):
+        print(line, file=out)
+    out.flush()
+
+
+_previous: dict[int, Any] = {}
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    print_run_info()
+
+
+def install_signal_handler(signum: int = signal.SIGUSR1) -> None:
+    """Print the run info with stores to ``stderr`` whenever *signum* arrives.
+
+    Call it from the main thread (a rule of :func:`signal.signal`). The
+    previous handler is kept for :func:`uninstall_signal_handler`.
+    Idempotent.
+
+    .. versionadded:: 0.2
+    """
+    if not isinstance(signum, int):
+        raise TypeError(f"install_signal_handler() argument 'signum' must be a signal "
+                        f"number, not {type(signum).__name__!r}; e.g. signal.SIGUSR1")
+    previous = signal.signal(signum, _on_signal)
+    if previous is not _on_signal:
+        _previous[signum] = previous
+
+
+def uninstall_signal_handler(signum: int = signal.SIGUSR1) -> None:
+    """Put back the handler :func:`install_signal_handler` replaced. Idempotent.
+
+    .. versionadded:: 0.2
+    """
+    if signum in _previous and signal.getsignal(signum) is _on_signal:
+        signal.signal(signum, _previous.pop(signum))

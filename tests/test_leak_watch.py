@@ -1,0 +1,296 @@
+"""The leak watch (issue 9): a store still held after its request is named.
+
+In-process with a real ``gevent.pywsgi`` server and the middleware, and under
+load through a real gunicorn with the worker class: exactly the holders a
+few known requests leave behind are reported, once each, with the right
+request id, and never a request whose work ended. Delays are short (0.2 to
+0.5 s) to keep the tests fast. Also the run-info dump with stores.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from collections import Counter
+from contextvars import copy_context
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+
+import gevent
+import gevent.event
+import pytest
+from gevent.pywsgi import WSGIServer
+
+from asl_gevent import _watch, run_detached
+from asl_gevent.debug import format_run_info, install_signal_handler, uninstall_signal_handler
+from asl_gevent.wsgi import RequestContextMiddleware, get_request_id
+from helpers import ROOT, ListHandler, free_port, run_python
+from test_gunicorn import HTTPConnection, _wait_ready
+
+LEAK_LINE = re.compile(r"^request (\S+) ended [\d.]+ s ago, but its store is still held by "
+                       r"(greenlet|thread) '([^']+)' running ")
+
+
+@pytest.fixture(name="leak_log")
+def _leak_log() -> Iterator[ListHandler]:
+    handler = ListHandler()
+    logger = logging.getLogger("asl_gevent.leak")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+class _App:
+    """``/leak`` leaves a greenlet holding the request's store; ``/work``
+    starts one that ends; ``/slow`` one that ends after the delay."""
+
+    def __init__(self) -> None:
+        self.never = gevent.event.Event()
+        self.markers: List[Optional[object]] = []
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        self.markers.append(_watch.request_marker.get())
+        path = environ["PATH_INFO"]
+        gevent.spawn(gevent.sleep, 0.001)
+        if path == "/leak":
+            gevent.spawn(self.never.wait).name = f"leaker-{get_request_id()}"
+        start_response("200 OK", [])
+        return iter([b"ok"])  # a streaming response: the request ends at close()
+
+
+def _serve(app: Any, requests: List[str]) -> None:
+    server = WSGIServer(("127.0.0.1", 0), app, log=None)
+    server.start()
+    try:
+        for n, path in enumerate(requests):
+            conn = HTTPConnection(server.server_port)
+            try:
+                status, _, _ = conn.request(path, {"X-Request-ID": f"r{n}"}, close=True)
+                assert status == 200
+            finally:
+                conn.close()
+    finally:
+        server.stop(timeout=5)
+
+
+def test_holders_are_named_once_each(leak_log: ListHandler) -> None:
+    """200 requests, 3 of which leave a greenlet behind: exactly those 3 are
+    reported, each once, with its request id, its name, its function and
+    where it was spawned; more requests and more checks add nothing."""
+    app = _App()
+    leaking = {17, 90, 150}
+    paths = ["/leak" if n in leaking else "/work" for n in range(200)]
+    try:
+        _serve(RequestContextMiddleware(app, leak_watch=0.2), paths)
+        gevent.sleep(0.8)
+        _serve(RequestContextMiddleware(app, leak_watch=0.2), ["/work"] * 20)
+        gevent.sleep(0.8)
+        lines = [record.getMessage() for record in leak_log.records]
+        found = Counter((m.group(1), m.group(3)) for m in map(LEAK_LINE.match, lines) if m)
+        assert found == Counter({(f"r{n}", f"leaker-r{n}"): 1 for n in leaking}), lines
+        assert len(lines) == 3
+        assert all(r.levelname == "WARNING" for r in leak_log.records)
+        assert "running threading.Event.wait" in lines[0] or "running gevent" in lines[0]
+        assert "test_leak_watch.py" in lines[0] and "in __call__" in lines[0]
+        assert all(marker is not None for marker in app.markers)
+    finally:
+        app.never.set()
+
+
+def test_watch_keeps_no_store_alive(leak_log: ListHandler) -> None:
+    """With the watch on, a request's store (weakly watched here; the default
+    plain dict cannot be) is freed as soon as its work ends."""
+    class Store(dict):  # type: ignore[type-arg]
+        pass
+
+    refs: List["weakref.ReferenceType[Store]"] = []
+
+    def factory(environ: Dict[str, Any]) -> Store:
+        store = Store(request_id="x")
+        refs.append(weakref.ref(store))
+        return store
+
+    _serve(RequestContextMiddleware(_App(), store_factory=factory, leak_watch=0.2), ["/work"] * 20)
+    gevent.sleep(0.05)
+    gc.collect()
+    assert len(refs) == 20 and all(ref() is None for ref in refs)
+    assert leak_log.records == []
+
+
+def test_watch_off_costs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off (the default): no marker in the request's context, no checker."""
+    monkeypatch.delenv(_watch.ENV, raising=False)
+    app = _App()
+    _serve(RequestContextMiddleware(app), ["/work"] * 5)
+    assert app.markers == [None] * 5
+    assert RequestContextMiddleware(app)._watch is None
+    monkeypatch.setenv(_watch.ENV, "0")
+    assert RequestContextMiddleware(app)._watch is None
+    monkeypatch.setenv(_watch.ENV, "2.5")
+    assert RequestContextMiddleware(app)._watch.delay == 2.5  # type: ignore[union-attr]
+    assert RequestContextMiddleware(app, leak_watch=0)._watch is None
+
+
+@pytest.mark.parametrize("value, error, message", [
+    ("5", TypeError, r"^RequestContextMiddleware\(\) argument 'leak_watch' must be a number of seconds or None, not 'str'"),
+    (-1, ValueError, r"^RequestContextMiddleware\(\) argument 'leak_watch' must be a finite number of seconds >= 0, not -1"),
+    (float("nan"), ValueError, r"argument 'leak_watch' must be a finite number"),
+])
+def test_leak_watch_bad_input(value: Any, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        RequestContextMiddleware(_App(), leak_watch=value)
+
+
+def test_leak_watch_bad_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_watch.ENV, "soon")
+    with pytest.raises(ValueError, match=r"^environment variable ASL_GEVENT_LEAK_WATCH must be a "
+                                         r"number of seconds, not 'soon'"):
+        RequestContextMiddleware(_App())
+
+
+# -- under load, through a real gunicorn ----------------------------------------
+
+REQUESTS = 2000
+CLIENTS = 40
+LEAKING = {3, 777, 1500, 1999}
+
+
+def _gunicorn_load(tmp_path: Path, app: str) -> List[str]:
+    port = free_port()
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    env = dict(os.environ, ASL_TEST_LOG_DIR=str(log_dir), ASL_GEVENT_LEAK_WATCH="0.5",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"),
+                                                         os.environ.get("PYTHONPATH")])))
+    output = open(tmp_path / "gunicorn.out", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-k", "asl_gevent.gunicorn.GeventWorker",
+         "-w", "2", "-b", f"127.0.0.1:{port}", "--no-control-socket", "--keep-alive", "10",
+         "--graceful-timeout", "3", "--log-level", "warning", app],
+        cwd=str(ROOT), env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(proc, port, tmp_path / "gunicorn.out")
+        per_client = REQUESTS // CLIENTS
+
+        def client(k: int) -> None:
+            conn = HTTPConnection(port)
+            try:
+                for j in range(per_client):
+                    n = k * per_client + j
+                    path = "/leak" if n in LEAKING else "/work"
+                    status, headers, body = conn.request(path, {"X-Request-ID": f"q{n}"})
+                    assert status == 200 and body == f"q{n}".encode()
+                    if headers.get("connection", "").lower() == "close":
+                        conn.close()
+                        conn = HTTPConnection(port)
+            finally:
+                conn.close()
+
+        with gevent.Timeout(90, AssertionError("load did not finish in 90 s")):
+            gevent.joinall([gevent.spawn(client, k) for k in range(CLIENTS)], raise_error=True)
+        time.sleep(2.0)  # the 0.5 s delay, a check period and then some
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        output.close()
+    lines = []
+    for path in sorted(log_dir.glob("leak-*.log")):
+        lines += path.read_text().splitlines()
+    return lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("app", ["leak_watch_app:app", "leak_watch_app:bare_app"],
+                         ids=["middleware", "worker-class-alone"])
+def test_gunicorn_reports_exactly_the_leaking_holders(tmp_path: Path, app: str) -> None:
+    """2,000 requests through gunicorn (2 workers, keep-alive), each starting a
+    greenlet and a thread that end; 4 also start a greenlet and a thread that
+    never end. Exactly those 8 holders are reported, once each, with their
+    request's id; not one other request."""
+    lines = _gunicorn_load(tmp_path, app)
+    found = Counter()
+    for line in lines:
+        assert line.startswith("WARNING request "), line
+        m = LEAK_LINE.match(line[len("WARNING "):])
+        assert m is not None, line
+        found[(m.group(1), m.group(2), m.group(3))] += 1
+    expected = Counter()
+    for n in LEAKING:
+        expected[(f"q{n}", "greenlet", f"leaker-greenlet-q{n}")] = 1
+        expected[(f"q{n}", "thread", f"leaker-thread-q{n}")] = 1
+    assert found == expected, lines
+
+
+# -- run info with stores ------------------------------------------------------------
+
+
+def test_run_info_shows_each_greenlets_stores() -> None:
+    """Every live greenlet is listed with its stores, short and truncated."""
+    from asl_gevent import AsyncLocalStorage
+
+    request = AsyncLocalStorage[Dict[str, str]](name="request")
+    user = AsyncLocalStorage[str](name="user")
+    never = gevent.event.Event()
+
+    def serve(n: int) -> None:
+        user.enter_with("ada" * 100)
+        never.wait()
+
+    # Detached, so no store of the test runner's context shows up here.
+    stuck = [run_detached(request.run, {"request_id": f"stuck-{n}"}, gevent.spawn, serve, n)
+             for n in range(3)]
+    try:
+        gevent.sleep(0)
+        lines = format_run_info(thread_stacks=False)
+        stores = [line.split("Stores: ", 1)[1] for line in lines if "Stores: " in line]
+        for n in range(3):
+            mine = [s for s in stores if f"'stuck-{n}'" in s]
+            assert len(mine) == 1, stores
+            assert mine[0].startswith(f"request={{'request_id': 'stuck-{n}'}}, user='adaada")
+            assert "..." in mine[0] and len(mine[0]) < 150  # never a full dump
+        assert any("* Greenlets" in line for line in lines)
+    finally:
+        never.set()
+        gevent.joinall(stuck, timeout=5)
+
+
+def test_signal_handler_prints_run_info() -> None:
+    """Opt-in: after install_signal_handler(), SIGUSR1 prints the run info with
+    stores to stderr; uninstall puts the previous handler back."""
+    proc = run_python("""
+        import os, signal, gevent
+        from asl_gevent import AsyncLocalStorage
+        from asl_gevent.debug import install_signal_handler, uninstall_signal_handler
+        als = AsyncLocalStorage(name="request")
+        stuck = als.run({"request_id": "r-signal"}, gevent.spawn, gevent.sleep, 30)
+        gevent.sleep(0)
+        before = signal.getsignal(signal.SIGUSR1)
+        install_signal_handler()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        gevent.sleep(0.1)
+        uninstall_signal_handler()
+        print(signal.getsignal(signal.SIGUSR1) is before)
+        stuck.kill()
+    """)
+    assert proc.stdout.strip() == "True"
+    assert "Stores: request={'request_id': 'r-signal'}" in proc.stderr
+
+
+def test_signal_handler_bad_input() -> None:
+    with pytest.raises(TypeError, match=r"^install_signal_handler\(\) argument 'signum' must be a "
+                                        r"signal number, not 'str'"):
+        install_signal_handler("USR1")  # type: ignore[arg-type]
+    uninstall_signal_handler()  # idempotent, nothing installed
