@@ -175,6 +175,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _no_control_socket() -> List[str]:
+    """gunicorn 25.1+ opens a control socket unless told not to; 23.0 (the
+    oldest we support) has no such flag and would exit on it."""
+    import gunicorn.config
+
+    flags = {flag for setting in gunicorn.config.KNOWN_SETTINGS for flag in setting.cli or ()}
+    return ["--no-control-socket"] if "--no-control-socket" in flags else []
+
+
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -260,7 +269,7 @@ def run(requests: int, clients: int, outside: int,
                 dict(env, ASL_EXAMPLE_ROLE="worker"), worker_out))
             stack.enter_context(_process(
                 [sys.executable, "-m", "gunicorn", "-k", "asl_gevent.gunicorn.GeventWorker",
-                 "-w", "2", "-b", f"127.0.0.1:{front_port}", "--no-control-socket",
+                 "-w", "2", "-b", f"127.0.0.1:{front_port}", *_no_control_socket(),
                  "across_processes:front_app"],
                 dict(env, ASL_EXAMPLE_ROLE="front"), workdir / "front.out"))
             _wait(lambda: _listening(stock_port) and _listening(front_port), 30, "the services")

@@ -86,6 +86,15 @@ app = RequestContextMiddleware(flask_app)
 # -- the script: serve this app with gunicorn and talk to it -------------------
 
 
+def _no_control_socket() -> list[str]:
+    """gunicorn 25.1+ opens a control socket under the home folder unless told
+    not to; 23.0 (the oldest we support) has no such flag and would exit on it."""
+    import gunicorn.config
+
+    flags = {flag for setting in gunicorn.config.KNOWN_SETTINGS for flag in setting.cli or ()}
+    return ["--no-control-socket"] if "--no-control-socket" in flags else []
+
+
 def main() -> int:
     import os
     import signal
@@ -104,7 +113,7 @@ def main() -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "gunicorn", "-k", "asl_gevent.gunicorn.GeventWorker",
-               "-w", "2", "-b", f"127.0.0.1:{port}", "--chdir", str(root),
+               "-w", "2", "-b", f"127.0.0.1:{port}", "--chdir", str(root), *_no_control_socket(),
                "--log-level", "warning", "examples.flask_gunicorn:app"]
     url = f"http://127.0.0.1:{port}/hello"
     ids = [f"req-{n}" for n in range(1, 5)]

@@ -18,6 +18,16 @@ import gevent
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def gunicorn_no_control_socket() -> list[str]:
+    """``["--no-control-socket"]`` where gunicorn has that flag (25.1+ opens a
+    control socket by default), else ``[]``: gunicorn 23.0, our minimum, exits
+    with a usage error on it."""
+    import gunicorn.config
+
+    flags = {flag for setting in gunicorn.config.KNOWN_SETTINGS for flag in setting.cli or ()}
+    return ["--no-control-socket"] if "--no-control-socket" in flags else []
+
+
 def run_python(source: str, *, timeout: float = 120, args: tuple[str, ...] = (),
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run *source* in a fresh interpreter (for monkey.patch_all scenarios).

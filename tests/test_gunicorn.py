@@ -27,7 +27,7 @@ import gevent
 import gevent.socket
 import pytest
 
-from helpers import ROOT, free_port
+from helpers import ROOT, free_port, gunicorn_no_control_socket
 
 WORKER = "asl_gevent.gunicorn.GeventWorker"
 PYWSGI_WORKER = "asl_gevent.gunicorn.GeventPyWSGIWorker"
@@ -91,7 +91,7 @@ def gunicorn(tmp_path: Path, *, worker: str, app: str, workers: int = 2,
     env = dict(os.environ, ASL_TEST_LOG_DIR=str(log_dir),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", str(workers),
-               "-b", f"127.0.0.1:{port}", "--chdir", str(ROOT),
+               "-b", f"127.0.0.1:{port}", "--chdir", str(ROOT), *gunicorn_no_control_socket(),
                "--keep-alive", "10", "--graceful-timeout", "5", "--log-level", "warning"]
     if config is not None:
         command += ["-c", config]

@@ -31,7 +31,7 @@ from gevent.pywsgi import WSGIServer
 from asl_gevent import _watch, run_detached
 from asl_gevent.debug import format_run_info, install_signal_handler, uninstall_signal_handler
 from asl_gevent.wsgi import RequestContextMiddleware, get_request_id
-from helpers import ROOT, ListHandler, free_port, run_python
+from helpers import ROOT, ListHandler, free_port, gunicorn_no_control_socket, run_python
 from test_gunicorn import HTTPConnection, _wait_ready
 
 LEAK_LINE = re.compile(r"^request (\S+) ended [\d.]+ s ago, but its store is still held by "
@@ -175,7 +175,7 @@ def _gunicorn_load(tmp_path: Path, app: str,
     output = open(tmp_path / "gunicorn.out", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-k", worker,
-         "-w", "2", "-b", f"127.0.0.1:{port}", "--no-control-socket", "--keep-alive", "10",
+         "-w", "2", "-b", f"127.0.0.1:{port}", *gunicorn_no_control_socket(), "--keep-alive", "10",
          "--graceful-timeout", "3", "--log-level", "warning", app],
         cwd=str(ROOT), env=env, stdout=output, stderr=subprocess.STDOUT)
     try:

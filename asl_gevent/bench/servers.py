@@ -153,9 +153,18 @@ def _load_rounds(client: _Client, servers: Sequence[Tuple[subprocess.Popen[str],
     return loads, errors
 
 
+def _no_control_socket() -> List[str]:
+    """gunicorn >= 25.1 opens a control socket under the home folder unless
+    told not to; 23.0 (the oldest we support) refuses the flag."""
+    import gunicorn.config
+
+    flags = {flag for setting in gunicorn.config.KNOWN_SETTINGS for flag in setting.cli or ()}
+    return ["--no-control-socket"] if "--no-control-socket" in flags else []
+
+
 def _gunicorn_argv(worker: str, app: str, port: int) -> List[str]:
     return [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "1",
-            "-b", f"127.0.0.1:{port}", "--log-level", "warning",
+            "-b", f"127.0.0.1:{port}", *_no_control_socket(), "--log-level", "warning",
             "--graceful-timeout", "5", app]
 
 
