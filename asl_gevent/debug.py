@@ -82,6 +82,20 @@ class _StoreTree(_gevent_util.GreenletTree):  # type: ignore[misc]  # gevent is 
         if text:
             tree.child_data("Stores: " + text)
 
+    def _render(self, tree: Any) -> Any:
+        # gevent 24.2's Hub.__repr__ reads an attribute Hub.destroy() deletes,
+        # so a destroyed hub that something still references (another
+        # thread's, say) breaks gevent's own rendering of it and of its
+        # children: show such a node by type and address, and nothing else.
+        try:
+            repr(self.greenlet)
+            repr(getattr(self.greenlet, "parent", None))
+        except Exception:  # noqa: BLE001 - whatever a broken __repr__ raises
+            tree.node_label(f"<{type(self.greenlet).__name__} at 0x{id(self.greenlet):x}; "
+                            "cannot be shown (destroyed)>")
+            return tree.lines
+        return super()._render(tree)
+
 
 def format_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
                     limit: Optional[int] = None) -> List[str]:
@@ -99,8 +113,15 @@ def format_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
     lines.append("*" * 80)
     lines.append("* Greenlets, with the stores of asl_gevent")
     lines.append("*" * 80)
-    for tree in sorted(_StoreTree.forest(),
-                       key=lambda t: "" if t.is_current_tree else repr(t.greenlet)):
+    def order(tree: Any) -> str:
+        if tree.is_current_tree:
+            return ""
+        try:
+            return repr(tree.greenlet)
+        except Exception:  # noqa: BLE001 - a destroyed hub: see _StoreTree._render
+            return f"~{id(tree.greenlet)}"
+
+    for tree in sorted(_StoreTree.forest(), key=order):
         lines.append("---- Thread boundary")
         lines.extend(tree.format_lines(details={
             # As gevent does: another thread's greenlets would show our stack.

@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections import Counter
@@ -272,6 +273,37 @@ def test_run_info_shows_each_greenlets_stores() -> None:
     finally:
         never.set()
         gevent.joinall(stuck, timeout=5)
+
+
+def test_run_info_survives_a_destroyed_hub_still_referenced() -> None:
+    """A hub another thread used and destroyed, still referenced (by a cache,
+    a test), does not break the dump: gevent 24.2's Hub.__repr__ raises after
+    destroy(), which broke gevent's own tree rendering; the node is shown as
+    destroyed and every live greenlet's stores are still listed."""
+    from asl_gevent import AsyncLocalStorage
+
+    request = AsyncLocalStorage[str](name="request")
+    kept: List[Any] = []
+
+    def use_and_destroy_a_hub() -> None:
+        hub = gevent.get_hub()
+        hub.threadpool.spawn(lambda: 1).get()
+        kept.append(hub)
+        hub.destroy(destroy_loop=True)
+
+    thread = threading.Thread(target=use_and_destroy_a_hub)
+    thread.start()
+    thread.join(10)
+    never = gevent.event.Event()
+    stuck = run_detached(request.run, "alive-req", gevent.spawn, never.wait)
+    try:
+        gevent.sleep(0)
+        lines = format_run_info(thread_stacks=False)
+        assert any("Stores: request='alive-req'" in line for line in lines), lines
+    finally:
+        never.set()
+        stuck.join(5)
+        kept.clear()
 
 
 def test_signal_handler_prints_run_info() -> None:
