@@ -83,13 +83,18 @@ class HTTPConnection:
 
 @contextlib.contextmanager
 def gunicorn(tmp_path: Path, *, worker: str, app: str, workers: int = 2,
-             config: Optional[str] = None) -> Iterator[int]:
-    """Run gunicorn, wait until it answers, yield its port; stop it by pid."""
+             config: Optional[str] = None,
+             env: Optional[Dict[str, str]] = None) -> Iterator[int]:
+    """Run gunicorn, wait until it answers, yield its port; stop it by pid.
+
+    Its apps log to ``tmp_path / "logs"``; *env* adds environment variables.
+    """
     port = free_port()
     log_dir = tmp_path / "logs"
     log_dir.mkdir(exist_ok=True)
-    env = dict(os.environ, ASL_TEST_LOG_DIR=str(log_dir),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, ASL_TEST_LOG_DIR=str(log_dir), **(env or {}),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"),
+                                                        os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", str(workers),
                "-b", f"127.0.0.1:{port}", "--chdir", str(ROOT), *gunicorn_no_control_socket(),
                "--keep-alive", "10", "--graceful-timeout", "5", "--log-level", "warning"]

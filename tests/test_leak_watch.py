@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import weakref
 from collections import Counter
-from contextvars import copy_context
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
@@ -32,8 +27,8 @@ from gevent.pywsgi import WSGIServer
 from asl_gevent import _watch, run_detached
 from asl_gevent.debug import format_run_info, install_signal_handler, uninstall_signal_handler
 from asl_gevent.wsgi import RequestContextMiddleware, get_request_id
-from helpers import ROOT, ListHandler, free_port, gunicorn_no_control_socket, run_python
-from test_gunicorn import HTTPConnection, _wait_ready
+from helpers import ListHandler, run_python
+from test_gunicorn import HTTPConnection, gunicorn
 
 LEAK_LINE = re.compile(r"^request (\S+) ended [\d.]+ s ago, but its store is still held by "
                        r"(greenlet|thread) '([^']+)' running ")
@@ -167,20 +162,8 @@ LEAKING = {3, 777, 1500, 1999}
 
 def _gunicorn_load(tmp_path: Path, app: str,
                    worker: str = "asl_gevent.gunicorn.GeventWorker") -> List[str]:
-    port = free_port()
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
-    env = dict(os.environ, ASL_TEST_LOG_DIR=str(log_dir), ASL_GEVENT_LEAK_WATCH="0.5",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"),
-                                                         os.environ.get("PYTHONPATH")])))
-    output = open(tmp_path / "gunicorn.out", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-k", worker,
-         "-w", "2", "-b", f"127.0.0.1:{port}", *gunicorn_no_control_socket(), "--keep-alive", "10",
-         "--graceful-timeout", "3", "--log-level", "warning", app],
-        cwd=str(ROOT), env=env, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        _wait_ready(proc, port, tmp_path / "gunicorn.out")
+    with gunicorn(tmp_path, worker=worker, app=app,
+                  env={"ASL_GEVENT_LEAK_WATCH": "0.5"}) as port:
         per_client = REQUESTS // CLIENTS
 
         def client(k: int) -> None:
@@ -200,14 +183,7 @@ def _gunicorn_load(tmp_path: Path, app: str,
         with gevent.Timeout(90, AssertionError("load did not finish in 90 s")):
             gevent.joinall([gevent.spawn(client, k) for k in range(CLIENTS)], raise_error=True)
         time.sleep(2.0)  # the 0.5 s delay, a check period and then some
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        output.close()
+    log_dir = tmp_path / "logs"
     lines = []
     for path in sorted(log_dir.glob("leak-*.log")):
         lines += path.read_text().splitlines()
