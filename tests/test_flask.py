@@ -45,16 +45,23 @@ def _app(seen: Dict[str, Any], later: List[gevent.Greenlet]) -> Flask:
     return app
 
 
+def _order(number: int, email: str) -> Dict[str, Any]:
+    """POST an order through the test client, let the greenlets it left behind
+    finish after the response, and return what they saw."""
+    seen: Dict[str, Any] = {}
+    later: List[gevent.Greenlet] = []
+    client = _app(seen, later).test_client()
+    assert client.post(f"/order/{number}", data={"email": email}).status_code == 200
+    seen["finished"].set()
+    gevent.joinall(later, timeout=10, raise_error=True)
+    return seen
+
+
 def test_request_is_readable_in_spawned_greenlets_and_outlives_the_request() -> None:
     """With the hooks: a spawned greenlet reads ``request``; one that runs
     after the response still has a request context, the finished one; a value
     copied before spawning is simply an argument."""
-    seen: Dict[str, Any] = {}
-    later: List[gevent.Greenlet] = []
-    client = _app(seen, later).test_client()
-    assert client.post("/order/1", data={"email": "a@example.org"}).status_code == 200
-    seen["finished"].set()
-    gevent.joinall(later, timeout=10, raise_error=True)
+    seen = _order(1, "a@example.org")
     assert seen["spawned"] == "/order/1"
     assert seen["late"] == ("/order/1", "a@example.org")
     assert seen["copied"] == "a@example.org"
@@ -63,12 +70,7 @@ def test_request_is_readable_in_spawned_greenlets_and_outlives_the_request() -> 
 @pytest.mark.usefixtures("no_hooks")
 def test_without_the_hooks_a_spawned_greenlet_has_no_request() -> None:
     """Negative control: plain gevent gives the greenlet an empty context."""
-    seen: Dict[str, Any] = {}
-    later: List[gevent.Greenlet] = []
-    client = _app(seen, later).test_client()
-    assert client.post("/order/2", data={"email": "b@example.org"}).status_code == 200
-    seen["finished"].set()
-    gevent.joinall(later, timeout=10, raise_error=True)
+    seen = _order(2, "b@example.org")
     assert seen["spawned"].startswith("RuntimeError: Working outside of request context")
     assert seen["copied"] == "b@example.org"  # the copied value needs no context
     assert seen["late"] is None
