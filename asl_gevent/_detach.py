@@ -106,6 +106,8 @@ def run_detached(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
     nothing of the caller's request for as long as it lives. Returns *fn*'s
     result (if that is a coroutine, it runs detached when awaited).
 
+    :param fn: the callable to run; *args* and *kwargs* are passed to it.
+
     :raises TypeError: if *fn* is not callable; nothing is changed.
 
     .. versionadded:: 0.2
@@ -370,8 +372,11 @@ def undetach_starter(target: str) -> None:
 
     The original function is put back if the attribute still holds our
     wrapper (another patcher's later change is left alone). A name from
-    :data:`KNOWN_STARTERS` stays attached from then on, also when its module
+    :data:`~asl_gevent.KNOWN_STARTERS` stays attached from then on, also when its module
     is imported later or the hooks are installed again. Idempotent.
+
+    :param target: ``"module:qualname"``, as given to :func:`detach_starter`.
+    :raises ValueError: if *target* is not of the form ``"module:qualname"``.
 
     .. versionadded:: 0.2
     """

@@ -350,6 +350,8 @@ def install() -> None:
 
     :raises Exception: whatever made a hook impossible to set; gevent is
         then left exactly as it was.
+
+    .. versionadded:: 0.1
     """
     with _state.lock:
         if _state.installed:
@@ -381,7 +383,9 @@ def uninstall() -> None:
     already running keep the context they were given. An attribute another
     library wrapped *after* :func:`install` is left to that library (its
     wrapper still calls our hook); everything else gets back exactly what
-    it held when :func:`install` ran.
+    it held when :func:`install` ran. Never raises.
+
+    .. versionadded:: 0.1
     """
     with _state.lock:
         if _state.installed:
@@ -389,7 +393,10 @@ def uninstall() -> None:
 
 
 def is_installed() -> bool:
-    """Whether the hooks are installed."""
+    """Whether the hooks are installed (true only once every hook is in place).
+
+    .. versionadded:: 0.1
+    """
     return _state.installed
 
 

@@ -44,6 +44,10 @@ class AsyncResource:
     context, so calls may overlap (from several greenlets or threads) and
     what one call changes never reaches the next.
 
+    :param options: Node's ``trigger_async_id`` and ``require_manual_destroy``,
+        accepted so that ported code runs, and ignored.
+    :raises TypeError: if *type* is not a str, or for any other keyword.
+
     .. versionadded:: 0.1
     """
 
@@ -66,7 +70,11 @@ class AsyncResource:
         self._context = capture_context()
 
     def run_in_async_scope(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
-        """Call ``fn(*args, **kwargs)`` in a copy of the captured context."""
+        """Call ``fn(*args, **kwargs)`` in a copy of the captured context.
+
+        :param fn: the callable to run; *args* and *kwargs* are passed to it.
+        :raises TypeError: if *fn* is not callable.
+        """
         check_callable(fn, "AsyncResource.run_in_async_scope()")
         return call_in(self._context.copy(), fn, args, kwargs)
 

@@ -150,6 +150,8 @@ class AsyncLocalStorage(Generic[T]):
     :class:`~contextvars.ContextVar` per storage. Setting a store costs
     nothing per key; spawning copies the context in O(1) (a persistent map).
 
+    :raises TypeError: if *name* is not a str.
+
     .. versionadded:: 0.1
     """
 

@@ -108,6 +108,8 @@ def install(celery_app: Any, *, max_store_bytes: int = 16384) -> None:
     :raises ImportError: if Celery is not installed (``pip install asl_gevent[celery]``).
     :raises TypeError: if *celery_app* is not a Celery app or *max_store_bytes*
         not an int; :raises ValueError: if *max_store_bytes* < 64.
+
+    .. versionadded:: 0.2
     """
     try:
         from celery import Celery, signals
@@ -149,7 +151,13 @@ def install(celery_app: Any, *, max_store_bytes: int = 16384) -> None:
 
 
 def is_installed(celery_app: Any) -> bool:
-    """Whether :func:`install` was called for *celery_app*."""
+    """Whether :func:`install` was called for *celery_app*.
+
+    :param celery_app: any object; the answer is ``False`` for anything that
+        is not an app :func:`install` was called for. Never raises.
+
+    .. versionadded:: 0.2
+    """
     return celery_app in _apps
 
 

@@ -51,7 +51,10 @@ __all__ = ["format_run_info", "print_run_info", "install_signal_handler",
 def stores_of(glet: greenlet) -> str:
     """``name=repr, ...`` of the stores *glet*'s context holds ('' for none).
 
+    :param glet: any greenlet (a :class:`gevent.Greenlet`, a raw greenlet, a hub).
     :raises TypeError: if *glet* is not a greenlet.
+
+    .. versionadded:: 0.2
     """
     if not isinstance(glet, greenlet):
         raise TypeError(f"stores_of() argument 'glet' must be a greenlet, not "
@@ -103,6 +106,12 @@ def format_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
 
     The parameters are those of :func:`gevent.util.format_run_info`.
 
+    :param thread_stacks: include every OS thread's stack.
+    :param greenlet_stacks: include the stacks of the current thread's greenlets.
+    :param limit: the most frames to show per stack (``None``: all).
+    :returns: the lines, without line ends. Never raises: a store whose
+        ``repr`` fails is shown as such.
+
     .. versionadded:: 0.2
     """
     from gevent import monkey
@@ -135,6 +144,14 @@ def print_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
                    limit: Optional[int] = None, file: Optional[TextIO] = None) -> None:
     """Print :func:`format_run_info` to *file* (``sys.stderr`` by default).
 
+    It writes to **stderr**, not stdout, unless *file* is given (as the signal
+    handler of :func:`install_signal_handler` does too).
+
+    :param thread_stacks: as :func:`format_run_info`.
+    :param greenlet_stacks: as :func:`format_run_info`.
+    :param limit: as :func:`format_run_info`.
+    :param file: a text stream to write to; ``None`` means ``sys.stderr``.
+
     .. versionadded:: 0.2
     """
     out = file if file is not None else sys.stderr
@@ -163,6 +180,7 @@ def install_signal_handler(signum: int = signal.SIGUSR1) -> None:
     previous handler is kept for :func:`uninstall_signal_handler`.
     Idempotent.
 
+    :param signum: the signal number, :data:`signal.SIGUSR1` by default.
     :raises TypeError: if *signum* is not an int (a bool is not a signal
         number: ``True`` would be ``SIGHUP``); :raises ValueError: if the
         system has no such signal (from :func:`signal.signal`).
@@ -178,6 +196,7 @@ def install_signal_handler(signum: int = signal.SIGUSR1) -> None:
 def uninstall_signal_handler(signum: int = signal.SIGUSR1) -> None:
     """Put back the handler :func:`install_signal_handler` replaced. Idempotent.
 
+    :param signum: the signal given to :func:`install_signal_handler`.
     :raises TypeError: as :func:`install_signal_handler`.
 
     .. versionadded:: 0.2

@@ -84,7 +84,9 @@ def get_request_id() -> Optional[str]:
 
     Reads :data:`request_storage`; a store made by a ``store_factory`` counts
     if it is a mapping with a ``"request_id"`` key or has a ``request_id``
-    attribute.
+    attribute. Never raises.
+
+    .. versionadded:: 0.1
     """
     return _id_of(request_storage.get_store())
 
@@ -100,7 +102,11 @@ def request_id_from(environ: Mapping[str, Any], header: str = "X-Request-ID") ->
         RequestContextMiddleware(app, store_factory=lambda environ: {
             "request_id": request_id_from(environ), "user": environ.get("REMOTE_USER")})
 
+    :param environ: the WSGI environ of the request.
+    :param header: the request header that may carry the id.
     :raises TypeError: if *header* is not a str.
+
+    .. versionadded:: 0.1
     """
     if not isinstance(header, str):
         raise TypeError(f"request_id_from() argument 'header' must be a str, not "

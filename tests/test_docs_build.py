@@ -1,0 +1,164 @@
+"""The docs site builds clean, every example in it runs, and it documents
+every public name.
+
+The build is Sphinx's own ``sphinx-build``, run once per session in a
+subprocess (it imports the package, gunicorn and celery; the test process is
+left alone): ``-W --keep-going -n`` for the HTML (every warning and every
+unresolved cross-reference fails), then ``-b doctest`` (every ``>>>`` example,
+one session per page). The recipes the pages include are files under
+``examples/``: they run in tests/test_examples.py, and here their output is
+checked against what the pages show.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from helpers import ROOT
+
+DOCS = ROOT / "docs"
+
+PUBLIC_MODULES = ["asl_gevent", "asl_gevent.wsgi", "asl_gevent.logfilter", "asl_gevent.gunicorn",
+                  "asl_gevent.http", "asl_gevent.celery", "asl_gevent.debug"]
+
+_builds: Dict[str, subprocess.CompletedProcess[str]] = {}
+_out = Path(tempfile.mkdtemp(prefix="asl_gevent_docs_"))
+atexit.register(shutil.rmtree, _out, True)
+
+
+def sphinx(builder: str) -> subprocess.CompletedProcess[str]:
+    """Run ``sphinx-build -W --keep-going -n -b BUILDER`` once per session."""
+    pytest.importorskip("sphinx", reason="the docs extra is not installed")
+    if shutil.which("dot") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Graphviz's dot is missing (Debian: apt-get install -y graphviz)")
+        pytest.skip("Graphviz's dot is missing (Debian: apt-get install -y graphviz)")
+    if builder not in _builds:
+        _builds[builder] = subprocess.run(
+            [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-n", "-q", "-b", builder,
+             "-d", str(_out / "doctrees"), str(DOCS), str(_out / builder)],
+            capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    return _builds[builder]
+
+
+def test_the_site_builds_with_warnings_as_errors() -> None:
+    proc = sphinx("html")
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stdout + proc.stderr
+    for page in ["index", "tutorial", "howto", "concepts", "api", "features", "performance",
+                 "reliability", "security", "versions", "changelog", "howto/flask-gunicorn"]:
+        assert (_out / "html" / f"{page}.html").is_file(), page
+
+
+def test_the_diagram_is_drawn_from_source_in_the_build() -> None:
+    """The Concepts page's diagram is Graphviz output made by this build."""
+    assert sphinx("html").returncode == 0
+    page = (_out / "html" / "concepts.html").read_text()
+    images = list((_out / "html" / "_images").glob("graphviz-*.svg"))
+    assert images, "no graphviz output"
+    svg = images[0].read_text()
+    for node in ["RequestContextMiddleware", "Pool / Group", "ThreadPool", "Celery worker",
+                 "requests / urllib3 call", "link / rawlink", "empty context"]:
+        assert node in svg, node
+    assert images[0].name in page
+
+
+def test_every_example_in_the_docs_runs() -> None:
+    """``-b doctest``: every ``>>>`` block of every page (and of the
+    docstrings the API reference shows) gives the output shown."""
+    proc = sphinx("doctest")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    output = (_out / "doctest" / "output.txt").read_text()
+    match = re.search(r"^\s*(\d+) tests\n\s*0 failures in tests\n\s*0 failures in setup code",
+                      output, re.M)
+    assert match, output[-3000:]
+    assert int(match.group(1)) >= 80
+
+
+def _inventory() -> List[str]:
+    from sphinx.util.inventory import InventoryFile
+
+    assert sphinx("html").returncode == 0
+    with open(_out / "html" / "objects.inv", "rb") as stream:
+        inventory = InventoryFile.load(stream, "", os.path.join)
+    return [name for kind in inventory if kind.startswith("py:") for name in inventory[kind]]
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_the_api_reference_lists_every_public_name(module: str) -> None:
+    """Every name in each public module's ``__all__`` is in the reference
+    (``automodule``: a name added to ``__all__`` appears with no edit)."""
+    documented = set(_inventory())
+    names = importlib.import_module(module).__all__
+    assert module in documented
+    assert [n for n in names if f"{module}.{n}" not in documented] == []
+
+
+def _shown_output(page: str, script: str) -> List[str]:
+    """The console block after ``$ .venv/bin/python examples/SCRIPT`` on *page*."""
+    text = (DOCS / page).read_text()
+    block = text.split(f"$ .venv/bin/python examples/{script}\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if not line.startswith("   ") or not line.strip():
+            break
+        lines.append(line[3:])
+    return lines
+
+
+def _run(script: str) -> List[str]:
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / script)],
+                              capture_output=True, text=True, timeout=90, cwd=cwd)
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stdout
+    return proc.stdout.splitlines()
+
+
+@pytest.mark.parametrize("page, script", [
+    ("howto/pywsgi.rst", "pywsgi_app.py"),
+    ("howto/structlog.rst", "structlog_app.py"),
+    ("howto/sentry.rst", "sentry_app.py"),
+])
+def test_a_recipe_prints_what_its_page_shows(page: str, script: str) -> None:
+    assert _run(script) == _shown_output(page, script)
+
+
+def test_the_tutorial_prints_what_it_shows_in_some_order() -> None:
+    """Requests run concurrently: the same lines, in any order, and each
+    request's own lines in the order its code runs."""
+    shown = _shown_output("tutorial.rst", "tutorial.py")
+    lines = _run("tutorial.py")
+    assert sorted(lines) == sorted(shown)
+    for n in (1, 2, 3):
+        mine = [line for line in lines if f"[req-{n}]" in line]
+        assert mine == [f"front [req-{n}] GET /order/{n}", f"front [req-{n}] asking the stock service",
+                        f"stock [req-{n}] GET /stock/{n}", f"front [req-{n}] stock says: 1 in stock"]
+    assert lines[-1] == "front [-] done"
+
+
+def test_the_gunicorn_recipe_tags_every_line_and_every_downstream_call() -> None:
+    """The README's recipe under a real gunicorn: each request's three lines
+    (view, spawned greenlet, its HTTP call's answer) carry its id, and the
+    downstream service received each id in X-Request-ID."""
+    lines = _run("gunicorn_recipe.py")
+    expected = []
+    for n in (1, 2, 3):
+        expected += [f"[req-{n}] GET /order", f"[req-{n}] calling the stock service",
+                     f"[req-{n}] stock service answered 200"]
+    assert lines == expected + ["downstream saw: req-1 req-2 req-3"]
+    assert _shown_output("howto/flask-gunicorn.rst", "gunicorn_recipe.py")[:4] == lines[:4]
+
+
+def test_the_testing_recipe_passes_under_pytest() -> None:
+    lines = _run("testing_app.py")
+    assert re.fullmatch(r"4 passed in [\d.]+s", lines[-1]), lines
