@@ -307,3 +307,79 @@ def test_example_test_suite_passes() -> None:
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^Ran 3 tests in ", proc.stderr, re.M) and "\nOK" in proc.stderr, proc.stderr
+
+
+# -- asl_gevent.django itself ----------------------------------------------------
+
+
+def test_module_exports_and_imports_no_django() -> None:
+    """``asl_gevent.django`` exports the middleware; neither ``asl_gevent``
+    nor ``asl_gevent.django`` imports Django."""
+    proc = run_python("""
+        import sys, asl_gevent
+        print(sorted(m for m in sys.modules if m.startswith(('asl_gevent.django', 'django'))))
+        import asl_gevent.django
+        print(asl_gevent.django.__all__)
+        print(sorted(m for m in sys.modules if m.startswith('django')))
+    """)
+    assert proc.stdout.splitlines() == ["[]", "['RequestIdMiddleware']", "[]"]
+
+
+def test_middleware_rejects_bad_configuration_when_django_makes_it() -> None:
+    """A bad ``get_response`` or class attribute fails when Django builds the
+    middleware chain (at startup), naming what is wrong."""
+    from asl_gevent.django import RequestIdMiddleware
+
+    def attrs(**values: Any) -> type:
+        return type("Custom", (RequestIdMiddleware,), values)
+
+    with pytest.raises(TypeError, match=r"^RequestIdMiddleware\(\) argument 'get_response' "
+                                        r"must be callable, not 'NoneType'; "):
+        RequestIdMiddleware(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Custom\.header must be a str, not 'bytes'; "):
+        attrs(header=b"X-Request-ID")(print)
+    with pytest.raises(ValueError, match=r"^Custom\.header must be an HTTP header name "):
+        attrs(header="X Request ID")(print)
+    with pytest.raises(TypeError, match=r"^Custom\.storage must be an AsyncLocalStorage, "
+                                        r"not 'dict'$"):
+        attrs(storage={})(print)
+    with pytest.raises(TypeError, match=r"^Custom\.echo_header must be a bool, not 'str'; "):
+        attrs(echo_header="no")(print)
+
+
+def test_middleware_subclass_with_its_own_header_and_storage() -> None:
+    """A subclass picks the header and the storage; the store is current only
+    inside the chain, and a store already current is used as is."""
+    from asl_gevent import AsyncLocalStorage
+    from asl_gevent.django import RequestIdMiddleware
+
+    tenant_ids: AsyncLocalStorage[Any] = AsyncLocalStorage(name="tenant-ids")
+
+    class Request:
+        def __init__(self, meta: Dict[str, Any]) -> None:
+            self.META = meta
+
+    class Response(dict):  # type: ignore[type-arg]
+        def has_header(self, name: str) -> bool:
+            return name.lower() in (key.lower() for key in self)
+
+    class Custom(RequestIdMiddleware):
+        header = "X-Correlation-ID"
+        storage = tenant_ids
+
+    seen: List[Any] = []
+
+    def view(request: Request) -> Response:
+        seen.append(gevent.spawn(tenant_ids.get_store).get(timeout=10))
+        return Response()
+
+    middleware = Custom(view)
+    request = Request({"HTTP_X_CORRELATION_ID": "corr-1", "HTTP_X_REQUEST_ID": "other"})
+    response = middleware(request)
+    assert (seen, dict(response)) == ([{"request_id": "corr-1"}],
+                                      {"X-Correlation-ID": "corr-1"})
+    assert request.META["asl_gevent.request_id"] == "corr-1"
+    assert tenant_ids.get_store() is None
+    with tenant_ids.scope("already"):
+        response = middleware(Request({"HTTP_X_CORRELATION_ID": "corr-2"}))
+    assert (seen[1:], dict(response)) == (["already"], {})
