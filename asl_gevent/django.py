@@ -5,7 +5,7 @@ In production, wrap Django's WSGI application in
 request's store is then current for everything Django does with the request,
 its ``request_started`` and ``request_finished`` signals included.
 
-Django's test :class:`~django.test.Client` does not call that application:
+Django's test ``Client`` (``django.test.Client``) does not call that application:
 it drives Django's handler directly, so a test suite would see no id at all.
 :class:`RequestIdMiddleware`, listed in ``MIDDLEWARE``, gives those requests
 their id, as django-guid's middleware does::
