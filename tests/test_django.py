@@ -161,7 +161,7 @@ def check_bodies(records: List[Record], with_ids: bool) -> List[Any]:
 @pytest.mark.slow
 def test_wrapped_django_app_every_request_and_log_line_carries_its_own_id(
         tmp_path: Path) -> None:
-    """300 requests from 30 concurrent clients through the wrapped WSGI
+    """1,000 requests from 50 concurrent clients through the wrapped WSGI
     application: every response echoes its id (the one sent, or a generated
     one, all distinct), the view, its greenlet and its pool task see it, and
     every line each request logs carries it: its ``request_started`` and
@@ -170,7 +170,7 @@ def test_wrapped_django_app_every_request_and_log_line_carries_its_own_id(
     greenlets it spawned (one of them after the response), and Django's own
     ``django.request`` lines for the 404 and the 500. 0 wrong, 0 missing."""
     with served(tmp_path, WRAPPED_APP) as port:
-        records = traffic(port, clients=30, per_client=10)
+        records = traffic(port, clients=50, per_client=20)
 
     assert check_bodies(records, with_ids=True) == []
     ids = [sent or headers["x-request-id"] for _, sent, _, headers, _ in records]
