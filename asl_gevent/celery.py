@@ -14,10 +14,17 @@ groups, chords, retries, ``countdown``/``eta``): the message gets one header,
 ``asl_gevent``, holding the current stores as JSON -- the request's store
 (:data:`asl_gevent.wsgi.request_storage`) and the store of every other
 *named* storage (``AsyncLocalStorage(name=...)``), skipping storages with no
-store. A store that :func:`json.dumps` refuses, or that is larger than
-``max_store_bytes`` once encoded, is left out with one warning per storage;
-the publish never fails because of it (for the request's store the bare
-``{"request_id": ...}`` is sent instead).
+store. Each store is encoded alone: one that is not JSON (a non-JSON type, a
+cycle, NaN, a lone surrogate), nests more than 64 containers, or is larger
+than ``max_store_bytes`` once encoded is left out with one warning per
+storage, and the other stores and the request id still go; the publish never
+fails because of a store. A store over the limit is refused after work
+bounded by ``max_store_bytes``, never encoded whole (a 5 MB store costs
+what a 16 KB one does). The request's store travels only if its
+``request_id`` would pass as an incoming ``X-Request-ID`` (workers drop it
+otherwise); if it cannot be encoded, ``{"request_id": ...}`` is sent instead.
+The header stays within ``16 * max_store_bytes`` characters (what a worker
+reads): a named store that would take it past that is left out too.
 
 The request's store is read from the storage of the
 :class:`~asl_gevent.wsgi.RequestContextMiddleware` serving the request, if it
@@ -38,8 +45,21 @@ context, on every pool (``prefork``, ``solo``, ``threads``, ``gevent``), with
 
 Nothing a task sets reaches the next task on the same process, thread or
 greenlet, and a task published outside any request runs with no request
-store. A task that publishes tasks passes its stores on. Tasks run eagerly
-(``apply()``, ``task_always_eager``) run in a copy of the caller's context.
+store. A task that publishes tasks passes its stores on: what its body
+publishes carries the stores as the body left them, while what Celery
+publishes for it after the body (the next link of a chain, ``link`` and
+``link_error`` callbacks, a chord's body) carries the stores the task
+received, as a retry does. Tasks run eagerly (``apply()``,
+``task_always_eager``) run in a copy of the caller's context.
+
+The header comes from the broker, so from anyone who can publish there: the
+worker reads it within bounds fixed before decoding (``16 *
+max_store_bytes`` characters, 66 levels of nesting), catches every error,
+and keeps only what has the declared shape (a request store whose
+``request_id`` passes ``X-Request-ID``'s checks, named stores as a JSON
+object, a parent task id that is a short printable str). A bad header, or a
+bad part of one, is dropped with one warning per cause and the task runs
+without it; the worker never fails, hangs or loses a task because of it.
 
 To log the ids in the worker, put two :class:`~asl_gevent.logfilter.StoreFilter`
 on the handler::
@@ -54,6 +74,10 @@ the function ``celery.app.trace.build_tracer`` returns for the app's tasks
 task's context too.
 
 .. versionadded:: 0.2
+.. versionchanged:: 0.3
+   The worker checks the header (bounded, never raises); a store that
+   cannot travel is left out alone without being encoded whole;
+   continuations carry the stores their task received.
 """
 
 from __future__ import annotations
@@ -104,11 +128,17 @@ def install(celery_app: Any, *, max_store_bytes: int = 16384) -> None:
     """Carry stores into the tasks of *celery_app*; run each task in its own context.
 
     :param celery_app: a :class:`celery.Celery` application.
-    :param max_store_bytes: the largest store (as JSON) that is sent; a larger
-        one is left out with a warning. Shared by every app in the process
-        (Celery's publish signal does not say which app publishes).
+    :param max_store_bytes: the largest store (as UTF-8 JSON) that is sent; a
+        larger one is left out with a warning. A worker reads headers of up
+        to ``16 * max_store_bytes`` characters: give publishers and workers
+        the same value (calling install() where the app is made does).
+        Shared by every app in the process (Celery's publish signal does not
+        say which app publishes).
 
     Idempotent. Call it where the app is made, before the worker starts.
+
+    .. versionchanged:: 0.3
+       *max_store_bytes* also bounds what a worker reads.
 
     :raises ImportError: if Celery is not installed (``pip install asl_gevent[celery]``).
     :raises TypeError: if *celery_app* is not a Celery app or *max_store_bytes*

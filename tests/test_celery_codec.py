@@ -204,3 +204,10 @@ def test_encoder_refuses_a_large_store_without_encoding_it(store: Any) -> None:
     json.dumps(store)
     full = time.perf_counter() - t0
     assert elapsed < 0.01 and elapsed < full / 5, (elapsed, full)
+
+
+def test_module_docstring_examples() -> None:
+    """The codec's docstring examples run as written."""
+    import doctest
+    result = doctest.testmod(codec, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 2 and result.failed == 0
