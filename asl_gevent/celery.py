@@ -113,11 +113,11 @@ _max_store_bytes = 16384
 _warned: set[str] = set()
 # (module, original build_tracer) pairs we replaced.
 _patched: List[Tuple[Any, Any]] = []
-# In a running task: (task id, its message's checked header or None, parent
-# task id, the code object of the task's body or None). A retry and the
-# task's continuations are published with these, not with whatever the
-# body did to its stores, so they start as the task did.
-_Running = Tuple[str, Optional[Dict[str, Any]], Optional[str], Any]
+# In a running task: (task id, the stores it received as a header text or
+# None, parent task id, the code object of the task's body or None). A retry
+# and the task's continuations are published with these, not with whatever
+# the body did to its stores, so they start as the task did.
+_Running = Tuple[str, Optional[str], Optional[str], Any]
 _running: ContextVar[_Running] = ContextVar("asl_gevent.celery.running")
 # The code object of Celery's trace_task (the function build_tracer
 # returns), found in build_tracer's constants: _in_body() looks for its frame.
@@ -222,7 +222,7 @@ def _on_publish(sender: Any = None, headers: Optional[Dict[str, Any]] = None,
             # callback, chord body) after the body returned, in the task's
             # context: it carries what the task received, not what its
             # body set.
-            payload = _continuation_payload(running)
+            payload = running[1]
         else:
             payload = _payload()
     except Exception:  # never fail a publish because of us
@@ -291,19 +291,19 @@ def _payload() -> Optional[str]:
     return join_header(request_text, named)
 
 
-def _retry_payload(running: "_Running") -> Optional[str]:
-    """A retry: the first attempt's stores and parent (Celery makes the retry's
-    ``parent_id`` the task itself)."""
-    decoded = running[1] or {}
-    return join_header(_dumps(decoded["r"]) if "r" in decoded else None,
-                       [(name, _dumps(store)) for name, store in decoded.get("s", {}).items()],
-                       running[2], with_parent=True)
+def _retry_payload(running: "_Running") -> str:
+    """A retry: the stores the first attempt received, and its parent
+    (Celery makes the retry's ``parent_id`` the task itself)."""
+    received, parent = running[1], json.dumps(running[2])
+    if received is None:
+        return '{"p":' + parent + "}"
+    return received[:-1] + ',"p":' + parent + "}"
 
 
-def _continuation_payload(running: "_Running") -> Optional[str]:
-    """A continuation: the stores its task received (its parent is the task,
-    which Celery already says in ``parent_id``)."""
-    decoded = running[1] or {}
+def _received(decoded: Dict[str, Any]) -> Optional[str]:
+    """The checked header as it came (without the retry's parent), encoded
+    before the body runs: a body that changes a store in place changes
+    nothing its continuations and retries carry."""
     return join_header(_dumps(decoded["r"]) if "r" in decoded else None,
                        [(name, _dumps(store)) for name, store in decoded.get("s", {}).items()])
 
@@ -395,7 +395,7 @@ def _run_task(tracer: Callable[..., Any], body: Any, uuid: str, args: Any, kwarg
     parent = get("parent_id")
     if parent is not None and not isinstance(parent, str):
         parent = None  # the message's own parent_id is broker input too
-    decoded = None
+    received = None
     eager = get("is_eager")
     if not eager:
         # A worker: start from the worker's own context with only the
@@ -405,12 +405,13 @@ def _run_task(tracer: Callable[..., Any], body: Any, uuid: str, args: Any, kwarg
         if header is not None:
             decoded = decode(header, _max_store_bytes)
             if decoded is not None:
+                received = _received(decoded)
                 _restore(decoded)
                 if "p" in decoded:
                     parent = decoded["p"]  # a retry: the first attempt's parent
     # Eager tasks run in a copy of the caller's context: their continuations
     # carry the caller's stores as before (body None).
-    _running.set((uuid, decoded, parent, None if eager else body))
+    _running.set((uuid, received, parent, None if eager else body))
     task_storage.enter_with({"task_id": uuid, "parent_task_id": parent})
     return tracer(uuid, args, kwargs, request, *rest, **options)
 

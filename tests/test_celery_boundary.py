@@ -232,8 +232,9 @@ def test_continuations_carry_the_stores_their_task_received(
     """Every task below sets other stores in its body (pollute()). A chain's
     next link, a link callback, a link_error callback and a chord body still
     run with the publishing request's stores; a task the body publishes
-    itself runs with what the body set. On 0.2 the continuations saw the
-    body's stores (LEAK-...)."""
+    itself runs with what the body set. A store changed in place by the body
+    does not change what the continuation carries. On 0.2 the continuations
+    saw the body's stores (LEAK-...)."""
     app = make_app(broker)
     sig = app.signature
     ours = ({"request_id": "req-cont"}, "acme")
@@ -253,6 +254,8 @@ def test_continuations_carry_the_stores_their_task_received(
             "errback": errback_result,
             "chord": chord([sig("probe", (f"h{n}",), immutable=True) for n in range(2)],
                            sig("gather", ("body",))).delay(),
+            "mutated": chain(sig("mutate", ("m0",), immutable=True),
+                             sig("probe", ("after-m",), immutable=True)).delay(),
             "own": chain(sig("pollute_then_publish", ("pp",), immutable=True),
                          sig("probe", ("after-pp",), immutable=True)).delay(),
         }
@@ -268,6 +271,8 @@ def test_continuations_carry_the_stores_their_task_received(
             results["failing"].get(timeout=TIMEOUT)
         errback_report = results["errback"].get(timeout=TIMEOUT)
         gathered = results["chord"].get(timeout=TIMEOUT)
+        after_m = results["mutated"].get(timeout=TIMEOUT)
+        m0 = results["mutated"].parent.get(timeout=TIMEOUT)
         after_pp = results["own"].get(timeout=TIMEOUT)
         child_id = results["own"].parent.get(timeout=TIMEOUT)
         child = app.AsyncResult(child_id).get(timeout=TIMEOUT)
@@ -283,6 +288,8 @@ def test_continuations_carry_the_stores_their_task_received(
     assert stores(gathered["body"]) == ours
     assert gathered["body"]["task"]["parent_task_id"] in {
         part["task"]["task_id"] for part in gathered["parts"]}
+    assert stores(m0) == ({"request_id": "MUTATED-m0"}, "acme")
+    assert stores(after_m) == ours  # changed in place: still what m0 received
     assert stores(after_pp) == ours
     assert after_pp["task"]["parent_task_id"] == results["own"].parent.id
     # The body's own publish: what the body set.
