@@ -77,8 +77,13 @@ HOSTILE: List[Tuple[str, Any, Any, Any]] = [
 def _publish_hostile(app: Any) -> List[Tuple[str, Any, Any, Any]]:
     probe = app.signature("probe")
     with foreign_publisher():
-        return [(label, probe.clone((label,)).apply_async(headers={HEADER: header}),
+        sent = [(label, probe.clone((label,)).apply_async(headers={HEADER: header}),
                  request, tenant) for label, header, request, tenant in HOSTILE]
+        # Celery's own parent_id header is broker input too.
+        sent.append(("celery-parent", probe.clone(("celery-parent",)).apply_async(
+            headers={"parent_id": {"evil": 1}, HEADER: '{"r":{"request_id":"req-ok"}}'}),
+            {"request_id": "req-ok"}, None))
+        return sent
 
 
 POOLS = [("solo", 1), ("prefork", 2), ("threads", 2), ("gevent", 10)]
