@@ -90,7 +90,7 @@ import weakref
 from contextvars import ContextVar, copy_context
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, cast
 
-from ._celery_codec import decode, encode_store, header_limit, join_header
+from ._celery_codec import DEFAULT_MAX_STORE_BYTES, decode, encode_store, header_limit, join_header
 from ._storage import AsyncLocalStorage, named_storages
 from .wsgi import _ID_RE, _OUTGOING, _id_of, request_storage
 
@@ -108,7 +108,7 @@ HEADER = "asl_gevent"
 _lock = threading.Lock()
 # The apps install() was called for (weakly: an app may be thrown away).
 _apps: "weakref.WeakSet[Any]" = weakref.WeakSet()
-_max_store_bytes = 16384
+_max_store_bytes = DEFAULT_MAX_STORE_BYTES
 # Storages (by name) already warned about: one warning per storage.
 _warned: set[str] = set()
 # (module, original build_tracer) pairs we replaced.

@@ -9,7 +9,6 @@ bounded by ``max_store_bytes``. Publishing only: no worker runs the tasks.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
