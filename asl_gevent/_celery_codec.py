@@ -95,26 +95,32 @@ def _precheck(store: object, limit: int) -> None:
     def walk(value: object, depth: int) -> None:
         nonlocal size
         if isinstance(value, str):
-            size += len(value) + 2
-        elif value is None or value is True or value is False or isinstance(value, float):
-            size += 1
+            size += len(value) + 2  # quotes; escapes only add
+        elif value is None or value is True or value is False:
+            size += 4  # null, true, false
+        elif isinstance(value, float):
+            size += 3  # repr(float) has at least "0.0"
         elif isinstance(value, int):
-            # At least 0.3 decimal digits per bit.
-            size += (value.bit_length() * 3) // 10 + 1
+            # An int of b bits has at least floor((b - 1) * log10(2)) + 1 digits.
+            size += (max(value.bit_length() - 1, 0) * 3) // 10 + 1
         elif isinstance(value, (list, tuple, dict)):
             if depth >= MAX_DEPTH:
                 raise _Refused(f"it nests more than {MAX_DEPTH} containers")
             if id(value) in path:
                 raise _Refused("it contains itself (a circular reference)")
-            size += 1 + 2 * len(value)  # brackets, separators, >= 1 byte per item
-            if size > limit:
+            # Brackets and commas; each item is at least one more byte: a
+            # container too long for the limit is refused before it is walked.
+            size += 1 + len(value)
+            if size + len(value) > limit:
                 raise _Refused(f"it is over max_store_bytes={limit} as JSON")
             path.append(id(value))
             if isinstance(value, dict):
                 for key, item in value.items():
                     if isinstance(key, str):
-                        size += len(key) + 1
-                    elif not (key is None or isinstance(key, (int, float))):
+                        size += len(key) + 3  # quotes and colon
+                    elif key is None or isinstance(key, (int, float)):
+                        size += 4  # '"1":' at least
+                    else:
                         raise _Refused(f"a key of type {type(key).__name__!r} is not "
                                        f"JSON-serialisable")
                     walk(item, depth + 1)

@@ -211,3 +211,18 @@ def test_module_docstring_examples() -> None:
     import doctest
     result = doctest.testmod(codec, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 2 and result.failed == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values | st.tuples(json_values, json_values)
+       | st.dictionaries(st.integers() | st.booleans() | st.none() | st.floats(allow_nan=False,
+                                                                               allow_infinity=False),
+                         json_values, max_size=3))
+def test_the_size_bound_is_exact(store: Any) -> None:
+    """A store of exactly max_store_bytes as UTF-8 JSON travels, unchanged;
+    one byte less of limit and it is refused: the cheap bound checked before
+    encoding never refuses a store that fits."""
+    text = json.dumps(store, ensure_ascii=False, separators=(",", ":"))
+    size = len(text.encode("utf-8"))
+    assert encode_store(store, size) == (text, "")
+    assert encode_store(store, size - 1)[0] is None
