@@ -231,7 +231,8 @@ def test_a_store_over_the_limit_costs_nothing_like_its_size(broker: str) -> None
 
 # -- 3. continuations ------------------------------------------------------------
 
-@pytest.mark.parametrize("pool,concurrency", [("solo", 1), ("gevent", 20)])
+@pytest.mark.parametrize("pool,concurrency", [("solo", 1), ("gevent", 20), ("prefork", 2),
+                                              ("threads", 4)])
 def test_continuations_carry_the_stores_their_task_received(
         broker: str, pool: str, concurrency: int) -> None:
     """Every task below sets other stores in its body (pollute()). A chain's
