@@ -14,10 +14,17 @@ groups, chords, retries, ``countdown``/``eta``): the message gets one header,
 ``asl_gevent``, holding the current stores as JSON -- the request's store
 (:data:`asl_gevent.wsgi.request_storage`) and the store of every other
 *named* storage (``AsyncLocalStorage(name=...)``), skipping storages with no
-store. A store that :func:`json.dumps` refuses, or that is larger than
-``max_store_bytes`` once encoded, is left out with one warning per storage;
-the publish never fails because of it (for the request's store the bare
-``{"request_id": ...}`` is sent instead).
+store. Each store is encoded alone: one that is not JSON (a non-JSON type, a
+cycle, NaN, a lone surrogate), nests more than 64 containers, or is larger
+than ``max_store_bytes`` once encoded is left out with one warning per
+storage, and the other stores and the request id still go; the publish never
+fails because of a store. A store over the limit is refused after work
+bounded by ``max_store_bytes``, never encoded whole (a 5 MB store costs
+what a 16 KB one does). The request's store travels only if its
+``request_id`` would pass as an incoming ``X-Request-ID`` (workers drop it
+otherwise); if it cannot be encoded, ``{"request_id": ...}`` is sent instead.
+The header stays within ``16 * max_store_bytes`` characters (what a worker
+reads): a named store that would take it past that is left out too.
 
 The request's store is read from the storage of the
 :class:`~asl_gevent.wsgi.RequestContextMiddleware` serving the request, if it
@@ -38,8 +45,21 @@ context, on every pool (``prefork``, ``solo``, ``threads``, ``gevent``), with
 
 Nothing a task sets reaches the next task on the same process, thread or
 greenlet, and a task published outside any request runs with no request
-store. A task that publishes tasks passes its stores on. Tasks run eagerly
-(``apply()``, ``task_always_eager``) run in a copy of the caller's context.
+store. A task that publishes tasks passes its stores on: what its body
+publishes carries the stores as the body left them, while what Celery
+publishes for it after the body (the next link of a chain, ``link`` and
+``link_error`` callbacks, a chord's body) carries the stores the task
+received, as a retry does. Tasks run eagerly (``apply()``,
+``task_always_eager``) run in a copy of the caller's context.
+
+The header comes from the broker, so from anyone who can publish there: the
+worker reads it within bounds fixed before decoding (``16 *
+max_store_bytes`` characters, 66 levels of nesting), catches every error,
+and keeps only what has the declared shape (a request store whose
+``request_id`` passes ``X-Request-ID``'s checks, named stores as a JSON
+object, a parent task id that is a short printable str). A bad header, or a
+bad part of one, is dropped with one warning per cause and the task runs
+without it; the worker never fails, hangs or loses a task because of it.
 
 To log the ids in the worker, put two :class:`~asl_gevent.logfilter.StoreFilter`
 on the handler::
@@ -54,6 +74,10 @@ the function ``celery.app.trace.build_tracer`` returns for the app's tasks
 task's context too.
 
 .. versionadded:: 0.2
+.. versionchanged:: 0.3
+   The worker checks the header (bounded, never raises); a store that
+   cannot travel is left out alone without being encoded whole;
+   continuations carry the stores their task received.
 """
 
 from __future__ import annotations
@@ -66,8 +90,9 @@ import weakref
 from contextvars import ContextVar, copy_context
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, cast
 
+from ._celery_codec import DEFAULT_MAX_STORE_BYTES, decode, encode_store, header_limit, join_header
 from ._storage import AsyncLocalStorage, named_storages
-from .wsgi import _OUTGOING, _id_of, request_storage
+from .wsgi import _ID_RE, _OUTGOING, _id_of, request_storage
 
 __all__ = ["install", "is_installed", "task_storage", "HEADER"]
 
@@ -83,27 +108,37 @@ HEADER = "asl_gevent"
 _lock = threading.Lock()
 # The apps install() was called for (weakly: an app may be thrown away).
 _apps: "weakref.WeakSet[Any]" = weakref.WeakSet()
-_max_store_bytes = 16384
+_max_store_bytes = DEFAULT_MAX_STORE_BYTES
 # Storages (by name) already warned about: one warning per storage.
 _warned: set[str] = set()
 # (module, original build_tracer) pairs we replaced.
 _patched: List[Tuple[Any, Any]] = []
-# In a running task: (task id, its message's decoded header or None, parent
-# task id). A retry is published with these, not with whatever the task did
-# to its stores, so a retried task starts as the first attempt did.
-_running: ContextVar[Tuple[str, Optional[Dict[str, Any]], Optional[str]]] = ContextVar(
-    "asl_gevent.celery.running")
+# In a running task: (task id, the stores it received as a header text or
+# None, parent task id, the code object of the task's body or None). A retry
+# and the task's continuations are published with these, not with whatever
+# the body did to its stores, so they start as the task did.
+_Running = Tuple[str, Optional[str], Optional[str], Any]
+_running: ContextVar[_Running] = ContextVar("asl_gevent.celery.running")
+# The code object of Celery's trace_task (the function build_tracer
+# returns), found in build_tracer's constants: _in_body() looks for its frame.
+_trace_code: Any = None
 
 
 def install(celery_app: Any, *, max_store_bytes: int = 16384) -> None:
     """Carry stores into the tasks of *celery_app*; run each task in its own context.
 
     :param celery_app: a :class:`celery.Celery` application.
-    :param max_store_bytes: the largest store (as JSON) that is sent; a larger
-        one is left out with a warning. Shared by every app in the process
-        (Celery's publish signal does not say which app publishes).
+    :param max_store_bytes: the largest store (as UTF-8 JSON) that is sent; a
+        larger one is left out with a warning. A worker reads headers of up
+        to ``16 * max_store_bytes`` characters: give publishers and workers
+        the same value (calling install() where the app is made does).
+        Shared by every app in the process (Celery's publish signal does not
+        say which app publishes).
 
     Idempotent. Call it where the app is made, before the worker starts.
+
+    .. versionchanged:: 0.3
+       *max_store_bytes* also bounds what a worker reads.
 
     :raises ImportError: if Celery is not installed (``pip install asl_gevent[celery]``).
     :raises TypeError: if *celery_app* is not a Celery app or *max_store_bytes*
@@ -126,7 +161,7 @@ def install(celery_app: Any, *, max_store_bytes: int = 16384) -> None:
     if max_store_bytes < 64:
         raise ValueError(f"asl_gevent.celery.install() argument 'max_store_bytes' must be "
                          f">= 64, not {max_store_bytes}")
-    global _max_store_bytes
+    global _max_store_bytes, _trace_code
     with _lock:
         _max_store_bytes = max_store_bytes
         _apps.add(celery_app)
@@ -134,6 +169,7 @@ def install(celery_app: Any, *, max_store_bytes: int = 16384) -> None:
                                             dispatch_uid="asl_gevent.celery")
         if not _patched:
             original = trace.build_tracer
+            _trace_code = _find_trace_code(original)
             ours = _wrap_build_tracer(original)
             _patched.append((trace, original))
             trace.build_tracer = ours
@@ -147,7 +183,21 @@ def install(celery_app: Any, *, max_store_bytes: int = 16384) -> None:
         for task in list(celery_app.tasks.values()):
             tracer = getattr(task, "__trace__", None)
             if tracer is not None and not getattr(tracer, "_asl_gevent", False):
-                task.__trace__ = _wrap_tracer(tracer)
+                task.__trace__ = _wrap_tracer(tracer, task)
+
+
+def _find_trace_code(build_tracer: Any) -> Any:
+    """The code object of the ``trace_task`` function *build_tracer* defines
+    (through wrappers that set ``__wrapped__``), or ``None``."""
+    for _ in range(10):
+        code = getattr(build_tracer, "__code__", None)
+        for const in getattr(code, "co_consts", ()):
+            if getattr(const, "co_name", None) == "trace_task":
+                return const
+        build_tracer = getattr(build_tracer, "__wrapped__", None)
+        if build_tracer is None:
+            break
+    return None
 
 
 def is_installed(celery_app: Any) -> bool:
@@ -171,8 +221,16 @@ def _on_publish(sender: Any = None, headers: Optional[Dict[str, Any]] = None,
     try:
         payload: Optional[str]
         running = _running.get(None)
-        if running is not None and headers.get("id") == running[0]:
+        if running is None:
+            payload = _payload()
+        elif headers.get("id") == running[0]:
             payload = _retry_payload(running)
+        elif running[3] is not None and not _in_body(running[3]):
+            # Celery publishes a continuation (chain link, link/link_error
+            # callback, chord body) after the body returned, in the task's
+            # context: it carries what the task received, not what its
+            # body set.
+            payload = running[1]
         else:
             payload = _payload()
     except Exception:  # never fail a publish because of us
@@ -185,8 +243,16 @@ def _on_publish(sender: Any = None, headers: Optional[Dict[str, Any]] = None,
 
 
 def _payload() -> Optional[str]:
-    """The current stores as one JSON text, or ``None`` when there are none."""
-    parts: List[str] = []
+    """The current stores as one JSON text, or ``None`` when there are none.
+
+    Each store is encoded alone within ``max_store_bytes`` (see
+    :func:`~asl_gevent._celery_codec.encode_store`): one that cannot travel
+    is left out with one warning per storage, and the rest still go.
+    """
+    limit = _max_store_bytes
+    # Room left in the header: a worker reads at most header_limit() characters.
+    room = header_limit(limit) - 16
+    request_text: Optional[str] = None
     # The request's store: from the storage of the middleware serving this
     # request when it is not request_storage (RequestContextMiddleware(app,
     # storage=...) says so in _OUTGOING, as for asl_gevent.http), else from
@@ -195,14 +261,20 @@ def _payload() -> Optional[str]:
     source = request_storage if middleware is None else middleware[0]
     store = source.get_store()
     if store is not None and store is not source.default:
-        text = _encode("request", store)
-        if text is None:
-            request_id = _id_of(store)
-            if request_id is not None:
+        request_id = _id_of(store)
+        if request_id is None or _ID_RE.fullmatch(request_id) is None:
+            _warn_once("request", "not sending the request store to Celery tasks: its "
+                       "request_id %.80r is not a valid X-Request-ID, so workers would "
+                       "drop it; warned once", request_id)
+        else:
+            text, why = encode_store(store, limit)
+            if text is None:
+                _warn_once("request", "sending only the request id of the request store "
+                           "to Celery tasks: %s; warned once", why)
                 text = json.dumps({"request_id": request_id})
-        if text is not None:
-            parts.append(f'"r":{text}')
-    named: List[str] = []
+            request_text = text
+            room -= len(text) + 5
+    named: List[Tuple[str, str]] = []
     sent: Set[str] = set()
     for storage in named_storages():
         if storage is request_storage or storage is task_storage:
@@ -213,37 +285,63 @@ def _payload() -> Optional[str]:
         # worker restores it into every storage of that name).
         if store is None or store is storage.default or name in sent:
             continue
-        text = _encode(name, store)
-        if text is not None:
-            sent.add(name)
-            named.append(f"{json.dumps(name)}:{text}")
-    if named:
-        parts.append('"s":{' + ",".join(named) + "}")
-    if not parts:
-        return None
-    return "{" + ",".join(parts) + "}"
+        text, why = encode_store(store, limit)
+        if text is not None and len(text) + len(name) + 8 > room:
+            text, why = None, (f"the header would be over {header_limit(limit)} "
+                               f"characters (16 x max_store_bytes) with it")
+        if text is None:
+            _warn_once(name, "not sending the store of storage %r to Celery tasks: %s; "
+                       "warned once per storage", name, why)
+            continue
+        sent.add(name)
+        named.append((name, text))
+        room -= len(text) + len(name) + 8
+    return join_header(request_text, named)
 
 
-def _retry_payload(running: Tuple[str, Optional[Dict[str, Any]], Optional[str]]) -> str:
-    """A retry: the first attempt's stores and parent (Celery makes the retry's
-    ``parent_id`` the task itself)."""
-    _, decoded, parent = running
-    return json.dumps({**(decoded or {}), "p": parent}, separators=(",", ":"))
+def _retry_payload(running: "_Running") -> str:
+    """A retry: the stores the first attempt received, and its parent
+    (Celery makes the retry's ``parent_id`` the task itself)."""
+    received, parent = running[1], json.dumps(running[2])
+    if received is None:
+        return '{"p":' + parent + "}"
+    return received[:-1] + ',"p":' + parent + "}"
 
 
-def _encode(name: str, store: Any) -> Optional[str]:
-    try:
-        text = json.dumps(store, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError) as exc:
-        _warn_once(name, "not sending the store of storage %r to Celery tasks: it is not "
-                   "JSON-serialisable (%s); warned once per storage", name, exc)
-        return None
-    if len(text.encode()) > _max_store_bytes:
-        _warn_once(name, "not sending the store of storage %r to Celery tasks: %d bytes "
-                   "as JSON, over max_store_bytes=%d; warned once per storage",
-                   name, len(text.encode()), _max_store_bytes)
-        return None
-    return text
+def _received(decoded: Dict[str, Any]) -> Optional[str]:
+    """The checked header as it came (without the retry's parent), encoded
+    before the body runs: a body that changes a store in place changes
+    nothing its continuations and retries carry."""
+    return join_header(_dumps(decoded["r"]) if "r" in decoded else None,
+                       [(name, _dumps(store)) for name, store in decoded.get("s", {}).items()])
+
+
+def _dumps(value: Any) -> str:
+    # Values a worker decoded (bounded, JSON already): cannot fail.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _in_body(body: Any) -> bool:
+    """Whether this publish comes from the running task's body (or what it
+    calls), rather than from Celery's tracer around it.
+
+    Celery publishes continuations from ``trace_task`` itself after ``fun``
+    (the task's ``run`` or custom ``__call__``) returned: chain links and
+    ``link`` callbacks from ``trace_task``/``_dispatch_callbacks_and_chain``,
+    chord bodies from ``backend.mark_as_done``, ``link_error`` callbacks from
+    ``on_error``. So: find the innermost ``trace_task`` frame on this stack
+    and look at the frame it called. No ``trace_task`` frame (a greenlet or
+    thread the body started) means the body.
+    """
+    frame = sys._getframe(2)
+    for _ in range(200):  # bounded: Celery's stack above a publish is ~20 frames
+        caller = frame.f_back
+        if caller is None:
+            return True
+        if caller.f_code is _trace_code:
+            return frame.f_code is body
+        frame = caller
+    return True
 
 
 def _warn_once(name: str, message: str, *args: Any) -> None:
@@ -259,7 +357,7 @@ def _wrap_build_tracer(original: Callable[..., Any]) -> Callable[..., Any]:
         tracer = original(name, task, *args, **kwargs)
         app = kwargs.get("app") or getattr(task, "_app", None)
         if app is not None and app in _apps:
-            return _wrap_tracer(tracer)
+            return _wrap_tracer(tracer, task)
         return tracer
 
     build_tracer.__wrapped__ = original  # type: ignore[attr-defined]
@@ -267,51 +365,71 @@ def _wrap_build_tracer(original: Callable[..., Any]) -> Callable[..., Any]:
     return build_tracer
 
 
-def _wrap_tracer(tracer: Callable[..., Any]) -> Callable[..., Any]:
+def _body_code(task: Any) -> Any:
+    """The code object of the frame ``trace_task`` calls for the body: what
+    ``build_tracer`` calls ``fun`` (the task's custom ``__call__``, else its
+    ``run``); ``None`` if it has none (then every publish counts as the body's)."""
+    try:
+        import celery.app.trace as trace
+        if trace.task_has_custom(task, "__call__"):
+            target: Any = type(task).__call__
+        else:
+            target = task.run
+        target = getattr(target, "__func__", target)
+        return getattr(target, "__code__", None)
+    except Exception:
+        return None
+
+
+def _wrap_tracer(tracer: Callable[..., Any], task: Any = None) -> Callable[..., Any]:
+    body = _body_code(task) if task is not None and _trace_code is not None else None
+
     def trace_task(uuid: str, args: Any, kwargs: Any, request: Any = None,
                    *rest: Any, **options: Any) -> Any:
         # Context.run on a fresh copy per task, never a token reset
         # (gevent#1930): on solo/prefork every task runs on one thread, on
         # the threads and gevent pools workers are reused.
-        return copy_context().run(_run_task, tracer, uuid, args, kwargs, request, rest, options)
+        return copy_context().run(_run_task, tracer, body, uuid, args, kwargs, request,
+                                  rest, options)
 
     trace_task._asl_gevent = True  # type: ignore[attr-defined]
     trace_task.__wrapped__ = tracer  # type: ignore[attr-defined]
     return trace_task
 
 
-def _run_task(tracer: Callable[..., Any], uuid: str, args: Any, kwargs: Any, request: Any,
-              rest: Tuple[Any, ...], options: Dict[str, Any]) -> Any:
+def _run_task(tracer: Callable[..., Any], body: Any, uuid: str, args: Any, kwargs: Any,
+              request: Any, rest: Tuple[Any, ...], options: Dict[str, Any]) -> Any:
     get = request.get if isinstance(request, Mapping) else (lambda key, default=None: default)
     parent = get("parent_id")
-    decoded = None
-    if not get("is_eager"):
+    if parent is not None and not isinstance(parent, str):
+        parent = None  # the message's own parent_id is broker input too
+    received = None
+    eager = get("is_eager")
+    if not eager:
         # A worker: start from the worker's own context with only the
         # message's stores (a task published outside a request gets none).
         request_storage.enter_with(cast(Any, None))
-        payload = get(HEADER)
-        if isinstance(payload, str):
-            decoded = _restore(payload)
-            if decoded is not None and "p" in decoded:
-                parent = decoded["p"]  # a retry: the first attempt's parent
-    _running.set((uuid, decoded, parent))
+        header = get(HEADER)
+        if header is not None:
+            decoded = decode(header, _max_store_bytes)
+            if decoded is not None:
+                received = _received(decoded)
+                _restore(decoded)
+                if "p" in decoded:
+                    parent = decoded["p"]  # a retry: the first attempt's parent
+    # Eager tasks run in a copy of the caller's context: their continuations
+    # carry the caller's stores as before (body None).
+    _running.set((uuid, received, parent, None if eager else body))
     task_storage.enter_with({"task_id": uuid, "parent_task_id": parent})
     return tracer(uuid, args, kwargs, request, *rest, **options)
 
 
-def _restore(payload: str) -> Optional[Dict[str, Any]]:
-    """Enter the stores of a message's header; return it decoded."""
-    try:
-        decoded = json.loads(payload)
-    except ValueError:
-        _log.warning("asl_gevent.celery: ignoring a malformed %r header", HEADER)
-        return None
-    if not isinstance(decoded, dict):
-        return None
+def _restore(decoded: Dict[str, Any]) -> None:
+    """Enter the stores of a message's (checked) header."""
     if "r" in decoded:
         request_storage.enter_with(decoded["r"])
     named = decoded.get("s")
-    if isinstance(named, dict) and named:
+    if named:
         by_name: Dict[str, List[AsyncLocalStorage[Any]]] = {}
         for storage in named_storages():
             if storage is not task_storage and storage is not request_storage:
@@ -323,4 +441,3 @@ def _restore(payload: str) -> Optional[Dict[str, Any]]:
                 continue
             for storage in targets:
                 storage.enter_with(store)
-    return decoded

@@ -123,6 +123,29 @@ def killable(label: str) -> Dict[str, Any]:
     return seen(label)
 
 
+def pollute_then_publish(self: Any, label: str) -> str:
+    """Set other stores in the body, then publish a probe: the probe carries
+    what the body set (the task's continuations must not). Returns its id."""
+    pollute(label)
+    return str(self.app.signature("probe", (label + "/child",)).delay().id)
+
+def mutate(label: str) -> Dict[str, Any]:
+    """Change the received request store in place (no enter_with)."""
+    store = request_storage.get_store()
+    if store is not None:
+        store["request_id"] = f"MUTATED-{label}"
+    return seen(label)
+
+def failing(label: str) -> None:
+    """Pollute, then fail: the link_error callbacks run."""
+    log.info("failing %s", label)
+    pollute(label)
+    raise ValueError(f"failing {label}")
+
+def errback(task_id: str) -> Dict[str, Any]:
+    """A link_error callback (called with the failed task's id)."""
+    return {**seen(f"errback-of-{task_id}"), "failed": task_id}
+
 
 def make_app(broker: str = BROKER, install: bool = True) -> Celery:
     """A Celery app on *broker* with the test tasks (the worker and the test
@@ -151,6 +174,10 @@ def make_app(broker: str = BROKER, install: bool = True) -> Celery:
     app.task(name="gather")(gather)
     app.task(name="flaky", bind=True, max_retries=3)(flaky)
     app.task(name="killable", acks_late=True, reject_on_worker_lost=True)(killable)
+    app.task(name="pollute_then_publish", bind=True)(pollute_then_publish)
+    app.task(name="failing")(failing)
+    app.task(name="mutate")(mutate)
+    app.task(name="errback")(errback)
     return app
 
 

@@ -13,6 +13,7 @@ from .memory import memory_main, memory_rows
 from .micro import get_store_rows, run_rows, spawn_rows
 from .servers import client_main, wsgi_rows
 from .xproc import xproc_rows
+from .celery_publish import publish_rows
 
 __all__ = ["FIGURES", "NAMES", "main"]
 
@@ -31,6 +32,7 @@ FIGURES: List[Tuple[Tuple[str, ...], Figures]] = [
       "wsgi/pywsgi", "wsgi/pywsgi_cpu"), wsgi_rows),
     (("memory/rss", "memory/blocks", "memory/stores"), memory_rows),
     (("http/requests_get", "celery/solo"), xproc_rows),
+    (("celery/publish_5mb",), publish_rows),
 ]
 NAMES = [name for names, _ in FIGURES for name in names]
 
