@@ -117,23 +117,3 @@ nitpick_ignore_regex = [
     # Private modules named in docstrings; the Concepts page describes them.
     (r"py:mod", r"asl_gevent\._\w+"),
 ]
-
-
-# -- the security/* glob --------------------------------------------------------
-# security/* holds one page per trust boundary (incoming requests, brokers,
-# outgoing calls). Sphinx warns about a glob that matches nothing, with no
-# warning type to suppress; this drops exactly that one warning for exactly
-# that glob, so -W still fails on any other empty glob (howto/* must match).
-
-
-class _EmptySecurityGlob:
-    def filter(self, record: object) -> bool:
-        args = getattr(record, "args", None) or ()
-        return not ("didn't match any documents" in str(getattr(record, "msg", ""))
-                    and "security/*" in args)
-
-
-def setup(app: object) -> None:
-    import logging
-
-    logging.getLogger("sphinx.sphinx.directives.other").addFilter(_EmptySecurityGlob())
