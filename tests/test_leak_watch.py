@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
 import threading
 import time
@@ -283,25 +284,73 @@ def test_run_info_survives_a_destroyed_hub_still_referenced() -> None:
 
 
 def test_signal_handler_prints_run_info() -> None:
-    """Opt-in: after install_signal_handler(), SIGUSR1 prints the run info with
-    stores to stderr; uninstall puts the previous handler back."""
+    """Opt-in: after install_signal_handler(), the default signal (SIGPWR on
+    Linux, which no common server uses) prints the run info with stores to
+    stderr; uninstall puts the previous handler back."""
     proc = run_python("""
         import os, signal, gevent
         from asl_gevent import AsyncLocalStorage
-        from asl_gevent.debug import install_signal_handler, uninstall_signal_handler
+        from asl_gevent.debug import DEFAULT_SIGNAL, install_signal_handler, uninstall_signal_handler
         als = AsyncLocalStorage(name="request")
         stuck = als.run({"request_id": "r-signal"}, gevent.spawn, gevent.sleep, 30)
         gevent.sleep(0)
-        before = signal.getsignal(signal.SIGUSR1)
+        before = signal.getsignal(DEFAULT_SIGNAL)
         install_signal_handler()
-        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), DEFAULT_SIGNAL)
         gevent.sleep(0.1)
         uninstall_signal_handler()
-        print(signal.getsignal(signal.SIGUSR1) is before)
+        print(signal.Signals(DEFAULT_SIGNAL).name, signal.getsignal(DEFAULT_SIGNAL) is before)
         stuck.kill()
     """)
-    assert proc.stdout.strip() == "True"
+    assert proc.stdout.strip() == "SIGPWR True"
     assert "Stores: request={'request_id': 'r-signal'}" in proc.stderr
+
+
+def test_signal_handler_chains_to_the_handler_it_replaces() -> None:
+    """A signal with a Python handler is shared: each arrival dumps the run
+    info, then runs the replaced handler (a second install changes nothing);
+    after uninstall only the replaced handler runs."""
+    proc = run_python("""
+        import os, signal, sys
+        from asl_gevent.debug import install_signal_handler, uninstall_signal_handler
+        seen = []
+        signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+        install_signal_handler(signal.SIGUSR1)
+        install_signal_handler(signal.SIGUSR1)
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        print("-- uninstalled", file=sys.stderr, flush=True)
+        uninstall_signal_handler(signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        print(seen == [signal.SIGUSR1] * 3)
+    """)
+    assert proc.stdout.strip() == "True"
+    dumped, after = proc.stderr.split("-- uninstalled\n")
+    assert dumped.count("* Greenlets, with the stores of asl_gevent") == 2
+    assert "Greenlets" not in after
+
+
+def test_signal_handler_refuses_a_signal_c_code_handles() -> None:
+    """A handler installed by C code (faulthandler.register here; uWSGI's
+    SIGUSR1/SIGUSR2 in its workers) cannot be chained and is invisible to
+    signal.getsignal(): install_signal_handler() raises ValueError and
+    changes nothing, so the signal keeps its owner."""
+    proc = run_python("""
+        import faulthandler, signal, sys
+        from asl_gevent import debug
+        faulthandler.register(signal.SIGUSR2, file=sys.stderr)
+        try:
+            debug.install_signal_handler(signal.SIGUSR2)
+        except ValueError as exc:
+            print(exc)
+        print(signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL, debug._os_handler(signal.SIGUSR2) > 1)
+    """)
+    message, state = proc.stdout.strip().splitlines()
+    assert message == ("install_signal_handler() argument 'signum': SIGUSR2 already has a handler "
+                       "installed outside Python (uWSGI's workers use SIGUSR1 and SIGUSR2; "
+                       "faulthandler.register too), which cannot be chained; use a free signal, "
+                       "e.g. the default, signal.SIGPWR")
+    assert state == "True True"
 
 
 def test_signal_handler_bad_input() -> None:
@@ -406,3 +455,69 @@ def test_watch_without_a_hub_keeps_nothing_and_says_so_once(
     assert leak_log.records[0].levelname == "WARNING"
     assert messages[0].startswith("leak watch is off for requests served in thread '")
     assert "no gevent hub runs there (a threaded or sync server such as wsgiref" in messages[0]
+
+
+# -- run info on a signal the server owns: logrotate under gunicorn (issue 16, point 8) --
+
+
+def _get(port: int, path: str, request_id: str) -> bytes:
+    conn = HTTPConnection(port)
+    try:
+        status, _, body = conn.request(path, {"X-Request-ID": request_id}, close=True)
+        assert status == 200
+        return body
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", ""], ids=["shared-SIGUSR1", "default"])
+def test_logrotate_under_gunicorn_with_run_info_installed(tmp_path: Path, signame: str) -> None:
+    """A real gunicorn gevent worker whose app called install_signal_handler()
+    at import (after gunicorn set its handlers). logrotate renames the access
+    log and sends SIGUSR1 to the master (its postrotate step), which reopens
+    its files and signals the worker: the worker reopens its log too, so the
+    requests after the rotation are in the new file and none in the old.
+    With SIGUSR1 shared, the same signal also dumps the run info, with the
+    store of the greenlet a request left behind; with the default signal
+    (SIGPWR) SIGUSR1 dumps nothing and ``kill -PWR <worker>`` does."""
+    import signal as signals
+
+    access = tmp_path / "access.log"
+    config = tmp_path / "gunicorn_conf.py"
+    config.write_text(f"accesslog = {str(access)!r}\n")
+    out = tmp_path / "gunicorn.out"
+    with gunicorn(tmp_path, worker="gevent", app="run_info_app:app", workers=1,
+                  config=str(config), env={"ASL_TEST_SIGNAL": signame}) as port:
+        worker = int(_get(port, "/pid", "pid"))
+        master = _master_of(worker)
+        assert _get(port, "/hold", "held-1") == b"held-1"
+        for n in range(3):
+            assert _get(port, f"/before-{n}", f"before-{n}") == f"before-{n}".encode()
+        access.rename(tmp_path / "access.log.1")  # logrotate: rename, then postrotate
+        os.kill(master, signals.SIGUSR1)
+        deadline = time.monotonic() + 20
+        n = 0
+        while time.monotonic() < deadline:  # bounded: until a request lands in the new file
+            assert _get(port, f"/after-{n}", f"after-{n}") == f"after-{n}".encode()
+            if access.exists() and "/after-" in access.read_text():
+                break
+            n += 1
+            time.sleep(0.2)
+        time.sleep(0.3)
+        dumps_after_usr1 = out.read_text().count("* Greenlets, with the stores of asl_gevent")
+        if not signame:
+            os.kill(worker, signals.SIGPWR)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and "held-by-held-1" not in out.read_text():
+                time.sleep(0.1)
+            _get(port, "/peek", "alive")  # the worker lives on
+    old, new, output = (tmp_path / "access.log.1").read_text(), access.read_text(), out.read_text()
+    assert "/before-2" in old and "/after-" not in old, old
+    assert "/after-" in new, (new, output)
+    assert "Stores: request={'request_id': 'held-1'}" in output, output
+    assert dumps_after_usr1 == (1 if signame else 0), output
+
+
+def _master_of(worker: int) -> int:
+    with open(f"/proc/{worker}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
