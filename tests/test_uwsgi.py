@@ -267,3 +267,37 @@ def _get(port: int, path: str, request_id: str) -> Tuple[int, bytes]:
         return status, body
     finally:
         conn.close()
+
+
+def test_uwsgi_run_info_on_its_own_signal(tmp_path: Path) -> None:
+    """Installed in each uWSGI worker by a ``@postfork`` function, the
+    default signal works: ``kill -PWR <worker>`` prints the run info with the
+    store of a greenlet a request left behind, and the worker goes on
+    serving. SIGUSR1, which uWSGI handles in C in its workers, is refused
+    (ValueError) instead of being silently taken."""
+    with uwsgi(tmp_path, callable_="app", patch="option", env={"ASL_TEST_RUN_INFO": "1"}) as server:
+        status, body = _get(server.socket_port, "/leak", "sig-1")
+        assert status == 200
+        pid = json.loads(body)["pid"]
+        for _ in range(10):  # bounded: the SIGUSR1 probe, on the same worker
+            status, body = _get(server.socket_port, "/signals", "sig-probe")
+            report = json.loads(body)
+            if report["pid"] == pid:
+                break
+        assert status == 200 and report["pid"] == pid
+        assert report["signals"]["default"] == "installed"
+        assert report["signals"]["SIGUSR1"].startswith(
+            "ValueError: install_signal_handler() argument 'signum': SIGUSR1 already has a "
+            "handler installed outside Python (uWSGI's workers use SIGUSR1 and SIGUSR2;")
+        os.kill(report["pid"], signal.SIGPWR)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and \
+                "Stores: request={'request_id': 'sig-1'}" not in server.output.read_text():
+            time.sleep(0.1)
+        # Dumped by the signal itself, with no request to wake the worker.
+        assert "Stores: request={'request_id': 'sig-1'}" in server.output.read_text()
+        assert _get(server.socket_port, "/work", "sig-2")[0] == 200
+        assert server.proc.poll() is None
+    output = server.output.read_text()
+    assert "Stores: request={'request_id': 'sig-1'}" in output, output
+    assert "leaker-greenlet-sig-1" in output

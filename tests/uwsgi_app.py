@@ -21,7 +21,9 @@ same core set. ``/raise`` raises after setting them (answered 500 by
 ``bare_app``, as a framework's error handler would). ``/leak`` also leaves a
 greenlet and a thread that never end, named after the request id, for the
 leak watch (``ASL_GEVENT_LEAK_WATCH``), whose warnings go to
-``$ASL_TEST_LOG_DIR/leak-<worker pid>.log``.
+``$ASL_TEST_LOG_DIR/leak-<worker pid>.log``. With ``$ASL_TEST_RUN_INFO`` set,
+each worker installs the run-info signal handler after its fork and reports
+what happened.
 """
 
 from __future__ import annotations
@@ -71,6 +73,36 @@ if os.environ.get("ASL_TEST_LOG_DIR"):
     logging.getLogger("asl_gevent.leak").addHandler(_PerWorkerFile(os.environ["ASL_TEST_LOG_DIR"]))
 
 
+#: What install_signal_handler() did in this worker (``$ASL_TEST_RUN_INFO``).
+SIGNALS: Dict[str, str] = {}
+
+if os.environ.get("ASL_TEST_RUN_INFO"):
+    # In each worker, after uWSGI set its own (C) signal handlers: the app
+    # module runs in the master, before the fork.
+    from uwsgidecorators import postfork  # type: ignore[import-not-found]
+
+    @postfork  # type: ignore[misc]
+    def _install_run_info() -> None:
+        from asl_gevent.debug import install_signal_handler
+
+        install_signal_handler()  # the default, SIGPWR
+        SIGNALS["default"] = "installed"
+
+
+def _try_sigusr1() -> None:
+    """uWSGI's worker has its C handler on SIGUSR1 by the time it serves
+    (set after the @postfork functions ran): the run info must refuse it."""
+    import signal
+
+    from asl_gevent.debug import install_signal_handler
+
+    try:
+        install_signal_handler(signal.SIGUSR1)
+        SIGNALS["SIGUSR1"] = "installed"
+    except ValueError as exc:
+        SIGNALS["SIGUSR1"] = f"ValueError: {exc}"
+
+
 def _seen() -> Optional[str]:
     gevent.sleep(0)
     return get_request_id()
@@ -97,10 +129,12 @@ def _serve(environ: Dict[str, Any], start_response: Callable[..., Any],
         gevent.spawn(_never.wait).name = f"leaker-greenlet-{request_id}"
         threading.Thread(target=_never.wait, name=f"leaker-thread-{request_id}",
                          daemon=True).start()
+    if path == "/signals":
+        _try_sigusr1()
     if path == "/raise":
         raise RuntimeError("boom after setting the store")
     body = json.dumps({
-        "pid": os.getpid(), "core": environ.get("uwsgi.core"), "found": found,
+        "pid": os.getpid(), "core": environ.get("uwsgi.core"), "found": found, "signals": SIGNALS,
         "threading_patched": _monkey.is_module_patched("threading"), "seen": seen,
     }).encode()
     start_response("200 OK", [("Content-Type", "application/json"),
