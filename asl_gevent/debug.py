@@ -43,10 +43,11 @@ installed; the masters use more):
   stop), ``SIGABRT`` (timeout), ``SIGUSR1`` (reopen logs, logrotate's
   postrotate), ``SIGWINCH``; the master also ``SIGHUP``, ``SIGTTIN``,
   ``SIGTTOU``, ``SIGUSR2``, ``SIGCHLD``.
-* uWSGI workers: ``SIGHUP`` (graceful reload), ``SIGTERM`` (brutal reload
-  when sent to the master), ``SIGINT``/``SIGQUIT`` (stop), ``SIGUSR1``
-  (statistics), ``SIGUSR2`` (what each core is doing), ``SIGPIPE``; the
-  master also ``SIGTSTP``, ``SIGWINCH``, ``SIGURG``, ``SIGCHLD``.
+* uWSGI workers (C handlers, seen in uWSGI 2.0.30 ``--gevent``): ``SIGHUP``
+  (graceful reload), ``SIGTERM`` and ``SIGINT`` (stop; ``SIGTERM`` sent to
+  the master *reloads* it), ``SIGUSR1`` (statistics), ``SIGUSR2`` (what each
+  core is doing), ``SIGWINCH``, ``SIGTSTP``, and ``SIGPIPE`` ignored; the
+  master also ``SIGQUIT`` (stop), ``SIGURG``, ``SIGCHLD``.
 
 .. versionadded:: 0.2
 .. versionchanged:: 0.3 the default signal is :data:`DEFAULT_SIGNAL`, no longer

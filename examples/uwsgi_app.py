@@ -47,6 +47,7 @@ logged (the order varies from run to run; the ids never mix)::
 It exits non-zero if a response or a log line carries another request's id.
 """
 
+# -- the app (what you copy)
 from __future__ import annotations
 
 import logging.config
