@@ -17,7 +17,8 @@ patched ``threading.Thread`` (each started per request). ``app`` has the
 middleware; ``bare_app`` has not: it makes its own store with
 ``enter_with`` (and sets a plain context variable) and first reports what it
 found there, which must be nothing, whatever the previous request on the
-same core set. ``/raise`` raises after setting them (answered 500 by
+same core set, nor what code the hub ran set there (``/hub`` schedules such a
+loop callback; the middleware app checks the plain variable). ``/raise`` raises after setting them (answered 500 by
 ``bare_app``, as a framework's error handler would). ``/leak`` also leaves a
 greenlet and a thread that never end, named after the request id, for the
 leak watch (``ASL_GEVENT_LEAK_WATCH``), whose warnings go to
@@ -129,6 +130,11 @@ def _serve(environ: Dict[str, Any], start_response: Callable[..., Any],
         gevent.spawn(_never.wait).name = f"leaker-greenlet-{request_id}"
         threading.Thread(target=_never.wait, name=f"leaker-thread-{request_id}",
                          daemon=True).start()
+    if path == "/hub":
+        # Code the hub runs for itself (a loop callback) sets a store and a
+        # context variable there; uWSGI spawns every request's greenlet from
+        # the hub, and none may copy them.
+        gevent.get_hub().loop.run_callback(_set_in_hub, get_request_id())
     if path == "/signals":
         _try_sigusr1()
     if path == "/raise":
@@ -142,7 +148,17 @@ def _serve(environ: Dict[str, Any], start_response: Callable[..., Any],
     return [body]
 
 
-app = RequestContextMiddleware(_serve)
+def _set_in_hub(request_id: Optional[str]) -> None:
+    request_storage.enter_with({"request_id": f"hub-{request_id}"})
+    OWN.set(f"hub-{request_id}")
+
+
+def _view(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    # The middleware made the store; nothing else may be there.
+    return _serve(environ, start_response, [None, OWN.get()])
+
+
+app = RequestContextMiddleware(_view)
 
 
 def bare_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
