@@ -521,3 +521,23 @@ def test_logrotate_under_gunicorn_with_run_info_installed(tmp_path: Path, signam
 def _master_of(worker: int) -> int:
     with open(f"/proc/{worker}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_watch_off_under_gunicorn_sync_and_gthread(tmp_path: Path, worker: str) -> None:
+    """gunicorn's sync and gthread workers run no gevent hub: with
+    ASL_GEVENT_LEAK_WATCH on, each worker says once that the watch is off
+    (naming its serving thread) and logs nothing else, however many
+    requests it serves."""
+    with gunicorn(tmp_path, worker=worker, app="leak_watch_app:app",
+                  env={"ASL_GEVENT_LEAK_WATCH": "0.2"}) as port:
+        for n in range(300):
+            assert _get(port, "/work", f"s{n}") == f"s{n}".encode()
+        time.sleep(0.5)
+    # One file per worker, made at import: a worker that served nothing has it empty.
+    logs = [path.read_text().splitlines() for path in (tmp_path / "logs").glob("leak-*.log")]
+    assert any(logs), logs
+    for lines in filter(None, logs):
+        assert len(lines) == 1, lines
+        assert re.match(r"^WARNING leak watch is off for requests served in thread '[^']+': no "
+                        r"gevent hub runs there \(a threaded or sync server", lines[0]), lines
