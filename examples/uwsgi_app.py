@@ -80,11 +80,11 @@ log = logging.getLogger("example")
 pool = gevent.pool.Pool(10)
 
 try:  # only inside uWSGI
-    from uwsgidecorators import postfork
+    from uwsgidecorators import postfork  # type: ignore[import-untyped]
 except ImportError:
     pass
 else:
-    @postfork  # type: ignore[misc]
+    @postfork  # type: ignore[untyped-decorator]
     def _run_info_on_sigpwr() -> None:
         # In each worker (and each recycled one), after the fork: kill -PWR <pid>.
         install_signal_handler()

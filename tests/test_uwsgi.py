@@ -36,7 +36,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import gevent
 import pytest
@@ -68,8 +68,17 @@ class UWSGI_:
 
 @contextlib.contextmanager
 def uwsgi(tmp_path: Path, *, callable_: str, patch: str, max_requests: Optional[int] = None,
-          env: Optional[Dict[str, str]] = None) -> Iterator[UWSGI_]:
-    """Run uWSGI on three ephemeral loopback ports until it answers; stop it by pid."""
+          env: Optional[Dict[str, str]] = None, wsgi_file: Optional[Path] = None,
+          extra: Sequence[str] = ()) -> Iterator[UWSGI_]:
+    """Run uWSGI on three ephemeral loopback ports until it answers; stop it by pid.
+
+    *callable_* names the app in *wsgi_file* (``tests/uwsgi_app.py`` by
+    default; it must answer ``/peek``); *patch* is ``"option"`` for
+    ``--gevent-monkey-patch`` or ``"app"`` for the app's own ``patch_all()``
+    (``$ASL_TEST_PATCH``); *extra* adds uWSGI options (``--lazy-apps``, say).
+    Its output goes to ``tmp_path / "uwsgi.out"``, the apps' logs to
+    ``tmp_path / "logs"`` (``$ASL_TEST_LOG_DIR``).
+    """
     assert UWSGI is not None
     socket_port, router_port, backend_port = free_port(), free_port(), free_port()
     log_dir = tmp_path / "logs"
@@ -82,7 +91,8 @@ def uwsgi(tmp_path: Path, *, callable_: str, patch: str, max_requests: Optional[
                "--socket", f"127.0.0.1:{backend_port}",
                "--http", f"127.0.0.1:{router_port}", "--http-keepalive",
                "--http-to", f"127.0.0.1:{backend_port}",
-               "--wsgi-file", str(ROOT / "tests" / "uwsgi_app.py"), "--callable", callable_,
+               "--wsgi-file", str(wsgi_file or ROOT / "tests" / "uwsgi_app.py"),
+               "--callable", callable_, *extra,
                "--need-app", "--disable-logging", "--worker-reload-mercy", "10",
                "--min-worker-lifetime", "0"]
     if patch == "option":

@@ -80,9 +80,9 @@ SIGNALS: Dict[str, str] = {}
 if os.environ.get("ASL_TEST_RUN_INFO"):
     # In each worker, after uWSGI set its own (C) signal handlers: the app
     # module runs in the master, before the fork.
-    from uwsgidecorators import postfork  # type: ignore[import-not-found]
+    from uwsgidecorators import postfork  # type: ignore[import-untyped]
 
-    @postfork  # type: ignore[misc]
+    @postfork  # type: ignore[untyped-decorator]
     def _install_run_info() -> None:
         from asl_gevent.debug import install_signal_handler
 
