@@ -356,12 +356,12 @@ def detach_starter(target: str) -> bool:
     :raises TypeError: the module is imported and *target* is not a
         function or method. Nothing is marked in any of these cases.
 
-    The mark survives :func:`importlib.reload` of the module: the reloaded
+    The mark survives ``importlib.reload`` of the module: the reloaded
     function (or the method of the reloaded class) is marked again right
     after the reload, until :func:`undetach_starter`.
 
     .. versionadded:: 0.2
-    .. versionchanged:: 0.3 marks survive :func:`importlib.reload`.
+    .. versionchanged:: 0.3 marks survive ``importlib.reload``.
     """
     module_name, parts = _split(target, "detach_starter()")
     with _marks_lock:
