@@ -55,7 +55,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import gevent
 # gevent's own way to ask for this thread's hub without making one (used by
-# gevent.hub itself; present from gevent 1.3 to 26.9, our minimum is 24.2.1).
+XX
 from gevent._hub_local import get_hub_if_exists
 from gevent.greenlet import Greenlet
 from greenlet import getcurrent, greenlet
