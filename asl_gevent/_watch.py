@@ -54,8 +54,8 @@ from contextvars import Context, ContextVar
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import gevent
-# gevent's own way to ask for this thread's hub without making one (used by
-XX
+# gevent's own way to ask for this thread's hub without making one: gevent.hub
+# imports it from there too (checked on gevent 26.9).
 from gevent._hub_local import get_hub_if_exists
 from gevent.greenlet import Greenlet
 from greenlet import getcurrent, greenlet
