@@ -231,8 +231,9 @@ def install_signal_handler(signum: int = DEFAULT_SIGNAL) -> None:
 
     Call it from the main thread (a rule of :func:`signal.signal`), in the
     process to be inspected: in a server's worker (gunicorn: the app module or
-    a ``post_fork`` hook; uWSGI: the app module, with ``--lazy-apps`` or
-    not, or a ``@postfork`` function). The replaced Python handler is kept
+    a ``post_fork`` hook; uWSGI: a ``@postfork`` function, or the app module,
+    which without ``--lazy-apps`` runs in the master and hands the handler of
+    the default signal down to every worker it forks). The replaced Python handler is kept
     for :func:`uninstall_signal_handler` and runs after each dump, so a
     signal the server uses keeps working: with ``signal.SIGUSR1`` under
     gunicorn, logrotate's ``kill -USR1`` still reopens the log files (and
