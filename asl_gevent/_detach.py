@@ -250,8 +250,9 @@ _wanted: Dict[str, Set[str]] = globals().get("_wanted", {})
 #: known starters the user turned off (never marked again automatically)
 _kept_attached: Set[str] = globals().get("_kept_attached", set())
 _marks_lock: Any = globals().get("_marks_lock") or threading.RLock()
-#: The previous run's import callback, if this is a reload (see the end).
+#: The previous run's import callbacks, if this is a reload (see the end).
 _previous_mark_wanted: Any = globals().get("_mark_wanted")
+_previous_mark_again: Any = globals().get("_mark_again")
 
 
 def _split(target: str, where: str) -> Tuple[str, List[str]]:
@@ -326,6 +327,10 @@ def _mark_now(target: str, module: ModuleType, parts: Sequence[str]) -> None:
         return  # already ours
     setattr(owner, name, _wrap(original))
     _marked[target] = (owner, name, original)
+    # importlib.reload re-runs the module in its namespace and rebinds the
+    # name to a fresh, unmarked function (and a fresh class): mark it again
+    # after every reload, for as long as the mark stands.
+    when_imported(module.__name__, _mark_again)
 
 
 def detach_starter(target: str) -> bool:
@@ -353,7 +358,12 @@ def detach_starter(target: str) -> bool:
     :raises TypeError: the module is imported and *target* is not a
         function or method. Nothing is marked in any of these cases.
 
+    The mark survives ``importlib.reload`` of the module: the reloaded
+    function (or the method of the reloaded class) is marked again right
+    after the reload, until :func:`undetach_starter`.
+
     .. versionadded:: 0.2
+    .. versionchanged:: 0.3 marks survive ``importlib.reload``.
     """
     module_name, parts = _split(target, "detach_starter()")
     with _marks_lock:
@@ -396,6 +406,34 @@ def _unmark(target: str) -> None:
     current = vars(owner).get(name)
     if getattr(getattr(current, "__func__", current), _MARK, False):
         setattr(owner, name, original)
+    module_name = target.partition(":")[0]
+    if not any(t.partition(":")[0] == module_name for t in _marked):
+        cancel_when_imported(module_name, _mark_again)
+
+
+def _mark_again(module: ModuleType) -> None:
+    """Mark again the marked starters of *module*, which was just reloaded.
+
+    The reloaded function (or the method of the reloaded class) is wrapped
+    and becomes what :func:`undetach_starter` puts back; the old objects
+    keep their wrappers (old instances of an old class stay detached). A
+    name the reloaded module no longer has is dropped with a
+    :class:`RuntimeWarning`; the reload goes on.
+    """
+    prefix = module.__name__ + ":"
+    with _marks_lock:
+        for target in sorted(t for t in _marked if t.startswith(prefix)):
+            entry = _marked.pop(target)
+            try:
+                _mark_now(target, module, _split(target, "detach_starter()")[1])
+                if target not in _marked:  # the reload left our wrapper in place
+                    _marked[target] = entry
+            except (AttributeError, TypeError) as exc:
+                if target not in KNOWN_STARTERS:
+                    warnings.warn(f"asl_gevent: {exc} after importlib.reload; no longer "
+                                  "marked", RuntimeWarning, stacklevel=2)
+        if not any(t.startswith(prefix) for t in _marked):
+            cancel_when_imported(module.__name__, _mark_again)
 
 
 # -- marking modules as they are imported -------------------------------------
@@ -473,9 +511,15 @@ def _register() -> None:
             for module_name in _wanted:
                 cancel_when_imported(module_name, previous)
                 when_imported(module_name, _mark_wanted)
+    previous = _previous_mark_again
+    if previous is not None and previous is not _mark_again:
+        with _marks_lock:
+            for module_name in {t.partition(":")[0] for t in _marked}:
+                cancel_when_imported(module_name, previous)
+                when_imported(module_name, _mark_again)
 
 
 _register()
-del _previous_mark_wanted
+del _previous_mark_wanted, _previous_mark_again
 if _hooks.is_installed():  # pragma: no cover - install() ran before this import
     _known_starters(True)

@@ -24,15 +24,25 @@ How it finds a holder without keeping anything alive itself:
 
 The checks run in one greenlet per process (started when needed, in an empty
 context), so the watch needs a running gevent hub, which every gevent
-server and gunicorn's gevent workers have.
+server has (``gevent.pywsgi``, gunicorn's gevent workers, uWSGI
+``--gevent``). A request served where no hub runs -- wsgiref or any threaded
+server, gunicorn's sync and gthread workers, a test client calling the app
+from the main greenlet -- is not watched: nothing is kept for it (the checker
+would never run to consume it), and the ``asl_gevent.leak`` logger says so
+once per process, naming the thread. Whether a hub runs is known from the
+serving greenlet: it is the hub's, or a greenlet the hub runs (its parent
+chain reaches this thread's hub).
 
 .. versionadded:: 0.2
+.. versionchanged:: 0.3 off, with one warning, where no gevent hub runs;
+   before, every such request was kept forever.
 """
 
 from __future__ import annotations
 
 import collections
 import gc
+import itertools
 import logging
 import os
 import reprlib
@@ -44,8 +54,11 @@ from contextvars import Context, ContextVar
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import gevent
+# gevent's own way to ask for this thread's hub without making one: gevent.hub
+# imports it from there too (checked on gevent 26.9).
+from gevent._hub_local import get_hub_if_exists
 from gevent.greenlet import Greenlet
-from greenlet import greenlet
+from greenlet import getcurrent, greenlet
 
 __all__ = ["LeakWatch", "leak_watch_delay", "stores_in", "describe_holder", "format_stores"]
 
@@ -142,8 +155,14 @@ class LeakWatch:
         return marker
 
     def end(self, marker: _Request) -> None:
-        """The request is over: check *delay* seconds from now who still holds it."""
+        """The request is over: check *delay* seconds from now who still holds it.
+
+        .. versionchanged:: 0.3 nothing is kept where no gevent hub runs
+           (see the module's documentation); one warning says the watch is off.
+        """
         marker.ended = now = time.monotonic()
+        if not _hub_runs():
+            return
         self._queue.append((now + self.delay, weakref.ref(marker)))
         if _checker is None:
             _start_checker()
@@ -160,7 +179,13 @@ class LeakWatch:
         own response type (*streaming*) is wrapped: a list, a
         ``wsgi.file_wrapper`` or gunicorn's ``ALREADY_HANDLED`` is returned
         as is, and the request counts as ended when the app returns.
+
+        Where no gevent hub runs, *app* is called unwatched (no marker).
+
+        .. versionchanged:: 0.3 unwatched where no gevent hub runs.
         """
+        if not _hub_runs():
+            return app(environ, start_response)
         marker = _Request()
         token = request_marker.set(marker)
         try:
@@ -204,6 +229,44 @@ class _EndOnClose:
 def _id_of(store: Any) -> Optional[str]:
     value = store.get("request_id") if isinstance(store, dict) else getattr(store, "request_id", None)
     return value if isinstance(value, str) else None
+
+
+# -- is there a hub to run the checker? -----------------------------------------
+
+#: Counts "watch is off" situations: the warning goes with the first one
+#: (``next`` on a count is atomic under the GIL, so once even across threads).
+_off_seen = itertools.count()
+
+
+def _hub_runs() -> bool:
+    """Whether the current greenlet runs under this thread's gevent hub.
+
+    True in the hub itself and in every greenlet it runs (server handlers,
+    spawned and patched-thread greenlets: their parent chain reaches the
+    hub); False in a thread's main greenlet, where a threaded or sync server
+    or a test client serves requests and the hub may never get to run.
+    About 0.3 us (CPython 3.11), once per request.
+    """
+    hub = get_hub_if_exists()
+    if hub is not None:
+        glet: Optional[greenlet] = getcurrent()
+        while glet is not None:
+            if glet is hub:
+                return True
+            glet = glet.parent
+    _report_off()
+    return False
+
+
+def _report_off() -> None:
+    if next(_off_seen):
+        return
+    _log.warning(
+        "leak watch is off for requests served in thread %r: no gevent hub runs there "
+        "(a threaded or sync server such as wsgiref, gunicorn's sync or gthread worker, "
+        "or a test client), so its checker could never run; nothing is kept for those "
+        "requests. The watch works under a gevent server: gevent.pywsgi, gunicorn's gevent "
+        "workers, uWSGI --gevent", threading.current_thread().name)
 
 
 # -- the checker ----------------------------------------------------------------

@@ -27,17 +27,39 @@ monkey-patching such a task waits in its thread's hub, not running, and its
 stores are shown.
 
 :func:`install_signal_handler` prints it to ``stderr`` when the process gets
-a signal (``SIGUSR1`` unless told otherwise), like ``faulthandler`` but for
-greenlets: ``kill -USR1 <pid>``. It is opt-in: nothing is installed by import.
+a signal, like ``faulthandler`` but for greenlets. It is opt-in: nothing is
+installed by import. The default signal is one no common server uses
+(:data:`DEFAULT_SIGNAL`: ``SIGPWR`` on Linux, ``kill -PWR <pid>``;
+``SIGINFO`` on macOS and the BSDs, Ctrl-T in a terminal). A signal that
+already has a Python handler is shared: the run info is printed, then the
+replaced handler runs, so gunicorn's ``SIGUSR1`` still reopens its log
+files. A signal some C code handles (uWSGI's ``SIGUSR1``/``SIGUSR2`` stats,
+``faulthandler.register``) cannot be shared and is refused.
+
+Signals the servers own (for the worker processes, where the handler is
+installed; the masters use more):
+
+* gunicorn workers: ``SIGTERM`` (graceful stop), ``SIGINT``/``SIGQUIT`` (quick
+  stop), ``SIGABRT`` (timeout), ``SIGUSR1`` (reopen logs, logrotate's
+  postrotate), ``SIGWINCH``; the master also ``SIGHUP``, ``SIGTTIN``,
+  ``SIGTTOU``, ``SIGUSR2``, ``SIGCHLD``.
+* uWSGI workers (C handlers, seen in uWSGI 2.0.30 ``--gevent``): ``SIGHUP``
+  (graceful reload), ``SIGTERM`` and ``SIGINT`` (stop; ``SIGTERM`` sent to
+  the master *reloads* it), ``SIGUSR1`` (statistics), ``SIGUSR2`` (what each
+  core is doing), ``SIGWINCH``, ``SIGTSTP``, and ``SIGPIPE`` ignored; the
+  master also ``SIGQUIT`` (stop), ``SIGURG``, ``SIGCHLD``.
 
 .. versionadded:: 0.2
+.. versionchanged:: 0.3 the default signal is :data:`DEFAULT_SIGNAL`, no longer
+   ``SIGUSR1`` (gunicorn's "reopen log files"); the replaced handler is
+   chained; a signal handled outside Python is refused.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-from typing import Any, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 from gevent import util as _gevent_util
 from greenlet import greenlet
@@ -45,7 +67,7 @@ from greenlet import greenlet
 from ._watch import format_stores, request_marker, stores_in
 
 __all__ = ["format_run_info", "print_run_info", "install_signal_handler",
-           "uninstall_signal_handler", "stores_of"]
+           "uninstall_signal_handler", "stores_of", "DEFAULT_SIGNAL"]
 
 
 def stores_of(glet: greenlet) -> str:
@@ -160,7 +182,18 @@ def print_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
     out.flush()
 
 
-_previous: dict[int, Any] = {}
+#: The signal :func:`install_signal_handler` uses unless told otherwise: one
+#: that neither gunicorn nor uWSGI (nor gevent) uses. ``SIGPWR`` on Linux
+#: (sent by nothing else but power-failure daemons to init, and by
+#: ``lxc-stop`` to a container's init, which a worker is not), ``SIGINFO``
+#: on macOS and the BSDs (the terminal's "status" key, Ctrl-T), else ``SIGUSR1``.
+#:
+#: .. versionadded:: 0.3
+DEFAULT_SIGNAL: int = int(getattr(signal, "SIGPWR", 0) or getattr(signal, "SIGINFO", 0)
+                          or signal.SIGUSR1)
+
+#: signum -> the handler :func:`install_signal_handler` replaced (and chains to).
+_previous: Dict[int, Any] = {}
 
 
 def _check_signum(signum: Any, where: str) -> None:
@@ -170,36 +203,103 @@ def _check_signum(signum: Any, where: str) -> None:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    print_run_info()
+    try:
+        print_run_info()
+    except Exception as exc:  # noqa: BLE001 - never raise into whatever was interrupted
+        try:
+            print(f"asl_gevent: run info failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - stderr closed
+            pass
+    finally:
+        previous = _previous.get(signum)
+        # SIG_DFL would end the process (the default action of most signals)
+        # and SIG_IGN is nothing: only a handler written in Python is chained.
+        if callable(previous):
+            previous(signum, frame)
 
 
-def install_signal_handler(signum: int = signal.SIGUSR1) -> None:
+def _os_handler(signum: int) -> Optional[int]:
+    """The address of the handler the OS has for *signum* (0 default, 1 ignore),
+    or ``None`` where it cannot be read.
+
+    Python's :func:`signal.getsignal` reports what Python installed and, for
+    the rest, what the OS had when the interpreter started: a handler C code
+    installed later (uWSGI's, ``faulthandler.register``'s) shows as
+    ``SIG_DFL``. ``sigaction(2)`` with no new action reads the real one; the
+    handler is the first member of ``struct sigaction`` on Linux and macOS.
+    """
+    if not sys.platform.startswith(("linux", "darwin", "freebsd")):  # pragma: no cover
+        return None
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        old = ctypes.create_string_buffer(512)  # larger than any struct sigaction
+        if libc.sigaction(ctypes.c_int(signum), None, old) != 0:
+            return None
+        return ctypes.c_void_p.from_buffer(old).value or 0
+    except Exception:  # noqa: BLE001 - no libc, no sigaction: cannot tell  # pragma: no cover
+        return None
+
+
+def install_signal_handler(signum: int = DEFAULT_SIGNAL) -> None:
     """Print the run info with stores to ``stderr`` whenever *signum* arrives.
 
-    Call it from the main thread (a rule of :func:`signal.signal`). The
-    previous handler is kept for :func:`uninstall_signal_handler`.
-    Idempotent.
+    Call it from the main thread (a rule of :func:`signal.signal`), in the
+    process to be inspected: in a server's worker (gunicorn: the app module or
+    a ``post_fork`` hook; uWSGI: a ``@postfork`` function, or the app module,
+    which without ``--lazy-apps`` runs in the master and hands the handler of
+    the default signal down to every worker it forks). The replaced Python handler is kept
+    for :func:`uninstall_signal_handler` and runs after each dump, so a
+    signal the server uses keeps working: with ``signal.SIGUSR1`` under
+    gunicorn, logrotate's ``kill -USR1`` still reopens the log files (and
+    also dumps the run info each time). Idempotent.
 
-    :param signum: the signal number, :data:`signal.SIGUSR1` by default.
+    :param signum: the signal; by default :data:`DEFAULT_SIGNAL`, which no
+        common server uses (``SIGPWR`` on Linux: ``kill -PWR <pid>``).
     :raises TypeError: if *signum* is not an int (a bool is not a signal
-        number: ``True`` would be ``SIGHUP``); :raises ValueError: if the
-        system has no such signal (from :func:`signal.signal`).
+        number: ``True`` would be ``SIGHUP``).
+    :raises ValueError: if the system has no such signal (from
+        :func:`signal.signal`), or if C code handles *signum* (uWSGI does
+        ``SIGUSR1`` and ``SIGUSR2`` in its workers; ``faulthandler.register``
+        too): such a handler cannot be called from Python, and replacing it
+        would silently take the signal from its owner. Nothing is changed.
 
     .. versionadded:: 0.2
+    .. versionchanged:: 0.3 the default signal is :data:`DEFAULT_SIGNAL`
+       (was ``SIGUSR1``, gunicorn's "reopen log files"); the replaced handler
+       runs after the dump; a signal handled by C code raises ``ValueError``.
     """
     _check_signum(signum, "install_signal_handler()")
-    previous = signal.signal(signum, _on_signal)
-    if previous is not _on_signal:
-        _previous[signum] = previous
+    current = signal.getsignal(signum)
+    if current is _on_signal:
+        return
+    if current is None or current in (signal.SIG_DFL, signal.SIG_IGN):
+        address = _os_handler(signum)
+        expected = 1 if current is signal.SIG_IGN else 0
+        if current is None or (address is not None and address != expected):
+            try:
+                name = signal.Signals(signum).name
+            except ValueError:  # pragma: no cover - a real-time signal, say
+                name = f"signal {signum}"
+            raise ValueError(
+                f"install_signal_handler() argument 'signum': {name} already has a handler "
+                "installed outside Python (uWSGI's workers use SIGUSR1 and SIGUSR2; "
+                "faulthandler.register too), which cannot be chained; use a free signal, "
+                f"e.g. the default, signal.{signal.Signals(DEFAULT_SIGNAL).name}")
+    signal.signal(signum, _on_signal)
+    _previous[signum] = current
 
 
-def uninstall_signal_handler(signum: int = signal.SIGUSR1) -> None:
+def uninstall_signal_handler(signum: int = DEFAULT_SIGNAL) -> None:
     """Put back the handler :func:`install_signal_handler` replaced. Idempotent.
 
-    :param signum: the signal given to :func:`install_signal_handler`.
+    :param signum: as for :func:`install_signal_handler`.
     :raises TypeError: as :func:`install_signal_handler`.
 
     .. versionadded:: 0.2
+    .. versionchanged:: 0.3 the default signal is :data:`DEFAULT_SIGNAL`.
     """
     _check_signum(signum, "uninstall_signal_handler()")
     if signum in _previous and signal.getsignal(signum) is _on_signal:

@@ -560,3 +560,85 @@ def test_unpatched_fire_and_forget_keeps_the_request(als: AsyncLocalStorage[str]
 def _no_block_left() -> Iterator[None]:
     yield
     assert _detach._active_blocks == 0
+
+
+# -- importlib.reload of a marked module (issue 16, point 7) --------------------
+
+
+def test_detach_starter_survives_reload(tmp_path: Path, als: AsyncLocalStorage[str]) -> None:
+    """A reloaded module rebinds its starter (and its classes) to fresh,
+    unmarked objects; the marks are put on them again, for a function and a
+    method, marked before or after the first import; undetach_starter()
+    then puts back the reloaded originals."""
+    import importlib
+
+    (tmp_path / "reload_lib_16.py").write_text(
+        "import gevent\n"
+        "def start(fn):\n"
+        "    return gevent.spawn(fn)\n"
+        "class Reaper:\n"
+        "    def start(self, fn):\n"
+        "        return gevent.spawn(fn)\n")
+    (tmp_path / "reload_lazy_16.py").write_text(
+        "import gevent\n"
+        "def start(fn):\n"
+        "    return gevent.spawn(fn)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import reload_lib_16  # type: ignore[import-not-found]
+
+        assert detach_starter("reload_lib_16:start") is True
+        assert detach_starter("reload_lib_16:Reaper.start") is True
+        assert detach_starter("reload_lazy_16:start") is False
+        import reload_lazy_16  # type: ignore[import-not-found]
+
+        for _ in range(2):  # a second reload as well
+            old_class = reload_lib_16.Reaper
+            importlib.reload(reload_lib_16)
+            importlib.reload(reload_lazy_16)
+            assert reload_lib_16.Reaper is not old_class  # really fresh objects
+            assert als.run("r1", reload_lib_16.start, als.get_store).get() is None
+            assert als.run("r1", reload_lib_16.Reaper().start, als.get_store).get() is None
+            assert als.run("r1", old_class().start, als.get_store).get() is None
+            assert als.run("r1", reload_lazy_16.start, als.get_store).get() is None
+        fresh = reload_lib_16.start
+        undetach_starter("reload_lib_16:start")
+        undetach_starter("reload_lib_16:Reaper.start")
+        undetach_starter("reload_lazy_16:start")
+        assert reload_lib_16.start is not fresh  # the reloaded original is back
+        assert als.run("r1", reload_lib_16.start, als.get_store).get() == "r1"
+        assert als.run("r1", reload_lib_16.Reaper().start, als.get_store).get() == "r1"
+        assert als.run("r1", reload_lazy_16.start, als.get_store).get() == "r1"
+        importlib.reload(reload_lib_16)  # unmarked: stays unmarked
+        assert als.run("r1", reload_lib_16.start, als.get_store).get() == "r1"
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("reload_lib_16", "reload_lazy_16"):
+            sys.modules.pop(name, None)
+            for target in (f"{name}:start", f"{name}:Reaper.start"):
+                undetach_starter(target)
+
+
+def test_reload_of_a_marked_module_drops_a_vanished_starter(tmp_path: Path) -> None:
+    """A reload that removes a marked starter never breaks the reload: one
+    RuntimeWarning, and the mark is dropped."""
+    import importlib
+
+    lib = tmp_path / "reload_gone_16.py"
+    lib.write_text("def start():\n    return 1\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import reload_gone_16  # type: ignore[import-not-found]
+
+        detach_starter("reload_gone_16:start")
+        del reload_gone_16.start  # reload keeps the namespace: remove it by hand
+        lib.write_text("def other():\n    return 2\n")
+        importlib.invalidate_caches()
+        with pytest.warns(RuntimeWarning, match=r"has no attribute 'start' after importlib.reload"):
+            importlib.reload(reload_gone_16)
+        assert reload_gone_16.other() == 2
+        assert "reload_gone_16:start" not in _detach._marked
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("reload_gone_16", None)
+        undetach_starter("reload_gone_16:start")

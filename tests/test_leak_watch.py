@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
 import threading
 import time
@@ -283,25 +284,73 @@ def test_run_info_survives_a_destroyed_hub_still_referenced() -> None:
 
 
 def test_signal_handler_prints_run_info() -> None:
-    """Opt-in: after install_signal_handler(), SIGUSR1 prints the run info with
-    stores to stderr; uninstall puts the previous handler back."""
+    """Opt-in: after install_signal_handler(), the default signal (SIGPWR on
+    Linux, which no common server uses) prints the run info with stores to
+    stderr; uninstall puts the previous handler back."""
     proc = run_python("""
         import os, signal, gevent
         from asl_gevent import AsyncLocalStorage
-        from asl_gevent.debug import install_signal_handler, uninstall_signal_handler
+        from asl_gevent.debug import DEFAULT_SIGNAL, install_signal_handler, uninstall_signal_handler
         als = AsyncLocalStorage(name="request")
         stuck = als.run({"request_id": "r-signal"}, gevent.spawn, gevent.sleep, 30)
         gevent.sleep(0)
-        before = signal.getsignal(signal.SIGUSR1)
+        before = signal.getsignal(DEFAULT_SIGNAL)
         install_signal_handler()
-        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), DEFAULT_SIGNAL)
         gevent.sleep(0.1)
         uninstall_signal_handler()
-        print(signal.getsignal(signal.SIGUSR1) is before)
+        print(signal.Signals(DEFAULT_SIGNAL).name, signal.getsignal(DEFAULT_SIGNAL) is before)
         stuck.kill()
     """)
-    assert proc.stdout.strip() == "True"
+    assert proc.stdout.strip() == "SIGPWR True"
     assert "Stores: request={'request_id': 'r-signal'}" in proc.stderr
+
+
+def test_signal_handler_chains_to_the_handler_it_replaces() -> None:
+    """A signal with a Python handler is shared: each arrival dumps the run
+    info, then runs the replaced handler (a second install changes nothing);
+    after uninstall only the replaced handler runs."""
+    proc = run_python("""
+        import os, signal, sys
+        from asl_gevent.debug import install_signal_handler, uninstall_signal_handler
+        seen = []
+        signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+        install_signal_handler(signal.SIGUSR1)
+        install_signal_handler(signal.SIGUSR1)
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        print("-- uninstalled", file=sys.stderr, flush=True)
+        uninstall_signal_handler(signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        print(seen == [signal.SIGUSR1] * 3)
+    """)
+    assert proc.stdout.strip() == "True"
+    dumped, after = proc.stderr.split("-- uninstalled\n")
+    assert dumped.count("* Greenlets, with the stores of asl_gevent") == 2
+    assert "Greenlets" not in after
+
+
+def test_signal_handler_refuses_a_signal_c_code_handles() -> None:
+    """A handler installed by C code (faulthandler.register here; uWSGI's
+    SIGUSR1/SIGUSR2 in its workers) cannot be chained and is invisible to
+    signal.getsignal(): install_signal_handler() raises ValueError and
+    changes nothing, so the signal keeps its owner."""
+    proc = run_python("""
+        import faulthandler, signal, sys
+        from asl_gevent import debug
+        faulthandler.register(signal.SIGUSR2, file=sys.stderr)
+        try:
+            debug.install_signal_handler(signal.SIGUSR2)
+        except ValueError as exc:
+            print(exc)
+        print(signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL, debug._os_handler(signal.SIGUSR2) > 1)
+    """)
+    message, state = proc.stdout.strip().splitlines()
+    assert message == ("install_signal_handler() argument 'signum': SIGUSR2 already has a handler "
+                       "installed outside Python (uWSGI's workers use SIGUSR1 and SIGUSR2; "
+                       "faulthandler.register too), which cannot be chained; use a free signal, "
+                       "e.g. the default, signal.SIGPWR")
+    assert state == "True True"
 
 
 def test_signal_handler_bad_input() -> None:
@@ -309,3 +358,186 @@ def test_signal_handler_bad_input() -> None:
                                         r"signal number, not 'str'"):
         install_signal_handler("USR1")  # type: ignore[arg-type]
     uninstall_signal_handler()  # idempotent, nothing installed
+
+
+# -- no running hub: the watch is off, says so once, keeps nothing (issue 16, point 6) --
+
+NO_HUB_REQUESTS = 1500
+
+
+def _no_hub_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    body = (get_request_id() or "-").encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return iter([body])  # streaming: the request would end at close()
+
+
+def _wsgiref_requests(app: Any, threaded: bool) -> List[bytes]:
+    """NO_HUB_REQUESTS requests through a real wsgiref server running in its
+    own OS thread (one thread per request if *threaded*), over real sockets."""
+    import http.client
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer as RefServer, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Threading(socketserver.ThreadingMixIn, RefServer):
+        daemon_threads = True
+
+    server = make_server("127.0.0.1", 0, app, server_class=Threading if threaded else RefServer,
+                         handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              name="wsgiref-server", daemon=True)
+    thread.start()
+    bodies = []
+    try:
+        deadline = time.monotonic() + 120
+        for n in range(NO_HUB_REQUESTS):
+            assert time.monotonic() < deadline, f"only {n} requests in 120 s"
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=15)
+            try:
+                conn.request("GET", "/", headers={"X-Request-ID": f"w{n}"})
+                response = conn.getresponse()
+                assert response.status == 200
+                bodies.append(response.read())
+            finally:
+                conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    return bodies
+
+
+def _test_client_requests(app: Any, threaded: bool) -> List[bytes]:
+    """The same through werkzeug's test client, called from the main greenlet."""
+    from werkzeug.test import Client
+
+    client = Client(app)
+    return [client.get("/", headers={"X-Request-ID": f"w{n}"}).get_data()
+            for n in range(NO_HUB_REQUESTS)]
+
+
+@pytest.mark.parametrize("serve, threaded", [
+    (_wsgiref_requests, False), (_wsgiref_requests, True), (_test_client_requests, False),
+], ids=["wsgiref", "wsgiref-threading", "test-client"])
+def test_watch_without_a_hub_keeps_nothing_and_says_so_once(
+        leak_log: ListHandler, monkeypatch: pytest.MonkeyPatch,
+        serve: Callable[[Any, bool], List[bytes]], threaded: bool) -> None:
+    """1,500 requests through the middleware with the watch on, served where
+    no gevent hub runs (wsgiref in an OS thread, a threading server, a test
+    client in the main greenlet): nothing is queued or allocated by the watch
+    for them (0.2 kept every one: ~247 KiB per 1,500), the app still sees its
+    id, and one WARNING says the watch is off and why."""
+    import itertools
+    import tracemalloc
+
+    monkeypatch.setattr(_watch, "_off_seen", itertools.count(), raising=False)
+    app = RequestContextMiddleware(_no_hub_app, leak_watch=0.2)
+    queued_before = sum(len(queue) for queue in _watch._pending.values())
+    tracemalloc.start()
+    try:
+        watch_file = tracemalloc.Filter(True, _watch.__file__)
+        before = tracemalloc.take_snapshot().filter_traces([watch_file])
+        bodies = serve(app, threaded)
+        gc.collect()
+        after = tracemalloc.take_snapshot().filter_traces([watch_file])
+    finally:
+        tracemalloc.stop()
+    kept = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert bodies == [f"w{n}".encode() for n in range(NO_HUB_REQUESTS)]
+    assert sum(len(queue) for queue in _watch._pending.values()) == queued_before
+    # A thread-local slot and the warning counter, never per request.
+    assert kept < 1024, f"the watch kept {kept} bytes for {NO_HUB_REQUESTS} requests"
+    messages = [record.getMessage() for record in leak_log.records]
+    assert len(messages) == 1, messages
+    assert leak_log.records[0].levelname == "WARNING"
+    assert messages[0].startswith("leak watch is off for requests served in thread '")
+    assert "no gevent hub runs there (a threaded or sync server such as wsgiref" in messages[0]
+
+
+# -- run info on a signal the server owns: logrotate under gunicorn (issue 16, point 8) --
+
+
+def _get(port: int, path: str, request_id: str) -> bytes:
+    conn = HTTPConnection(port)
+    try:
+        status, _, body = conn.request(path, {"X-Request-ID": request_id}, close=True)
+        assert status == 200
+        return body
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", ""], ids=["shared-SIGUSR1", "default"])
+def test_logrotate_under_gunicorn_with_run_info_installed(tmp_path: Path, signame: str) -> None:
+    """A real gunicorn gevent worker whose app called install_signal_handler()
+    at import (after gunicorn set its handlers). logrotate renames the access
+    log and sends SIGUSR1 to the master (its postrotate step), which reopens
+    its files and signals the worker: the worker reopens its log too, so the
+    requests after the rotation are in the new file and none in the old.
+    With SIGUSR1 shared, the same signal also dumps the run info, with the
+    store of the greenlet a request left behind; with the default signal
+    (SIGPWR) SIGUSR1 dumps nothing and ``kill -PWR <worker>`` does."""
+    import signal as signals
+
+    access = tmp_path / "access.log"
+    config = tmp_path / "gunicorn_conf.py"
+    config.write_text(f"accesslog = {str(access)!r}\n")
+    out = tmp_path / "gunicorn.out"
+    with gunicorn(tmp_path, worker="gevent", app="run_info_app:app", workers=1,
+                  config=str(config), env={"ASL_TEST_SIGNAL": signame}) as port:
+        worker = int(_get(port, "/pid", "pid"))
+        master = _master_of(worker)
+        assert _get(port, "/hold", "held-1") == b"held-1"
+        for n in range(3):
+            assert _get(port, f"/before-{n}", f"before-{n}") == f"before-{n}".encode()
+        access.rename(tmp_path / "access.log.1")  # logrotate: rename, then postrotate
+        os.kill(master, signals.SIGUSR1)
+        deadline = time.monotonic() + 20
+        n = 0
+        while time.monotonic() < deadline:  # bounded: until a request lands in the new file
+            assert _get(port, f"/after-{n}", f"after-{n}") == f"after-{n}".encode()
+            if access.exists() and "/after-" in access.read_text():
+                break
+            n += 1
+            time.sleep(0.2)
+        time.sleep(0.3)
+        dumps_after_usr1 = out.read_text().count("* Greenlets, with the stores of asl_gevent")
+        if not signame:
+            os.kill(worker, signals.SIGPWR)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and "held-by-held-1" not in out.read_text():
+                time.sleep(0.1)
+            _get(port, "/peek", "alive")  # the worker lives on
+    old, new, output = (tmp_path / "access.log.1").read_text(), access.read_text(), out.read_text()
+    assert "/before-2" in old and "/after-" not in old, old
+    assert "/after-" in new, (new, output)
+    assert "Stores: request={'request_id': 'held-1'}" in output, output
+    assert dumps_after_usr1 == (1 if signame else 0), output
+
+
+def _master_of(worker: int) -> int:
+    with open(f"/proc/{worker}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_watch_off_under_gunicorn_sync_and_gthread(tmp_path: Path, worker: str) -> None:
+    """gunicorn's sync and gthread workers run no gevent hub: with
+    ASL_GEVENT_LEAK_WATCH on, each worker says once that the watch is off
+    (naming its serving thread) and logs nothing else, however many
+    requests it serves."""
+    with gunicorn(tmp_path, worker=worker, app="leak_watch_app:app",
+                  env={"ASL_GEVENT_LEAK_WATCH": "0.2"}) as port:
+        for n in range(300):
+            assert _get(port, "/work", f"s{n}") == f"s{n}".encode()
+        time.sleep(0.5)
+    # One file per worker, made at import: a worker that served nothing has it empty.
+    logs = [path.read_text().splitlines() for path in (tmp_path / "logs").glob("leak-*.log")]
+    assert any(logs), logs
+    for lines in filter(None, logs):
+        assert len(lines) == 1, lines
+        assert re.match(r"^WARNING leak watch is off for requests served in thread '[^']+': no "
+                        r"gevent hub runs there \(a threaded or sync server", lines[0]), lines
