@@ -323,7 +323,10 @@ def _holders(suspects: Dict[int, _Request]) -> List[Tuple[greenlet, _Request]]:
     scans += 1
     found: List[Tuple[greenlet, _Request]] = []
     for obj in gc.get_objects():
-        if not isinstance(obj, greenlet) or obj.dead:
+        # type(), not isinstance(): isinstance() falls back to obj.__class__,
+        # which a lazy proxy computes (Django's unconfigured LazySettings
+        # raises ImproperlyConfigured there, and killed the checker greenlet).
+        if not issubclass(type(obj), greenlet) or obj.dead:
             continue
         try:
             context = obj.gr_context

@@ -103,6 +103,33 @@ def test_holders_are_named_once_each(leak_log: ListHandler) -> None:
         app.never.set()
 
 
+class _ClassRaises:
+    """An object whose ``__class__`` raises, as Django's unconfigured
+    ``settings`` (a ``LazySettings`` proxy) does once Django is imported."""
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        raise RuntimeError("settings are not configured")
+
+
+def test_watch_survives_objects_whose_class_raises(leak_log: ListHandler) -> None:
+    """The checker scans every object the collector tracks; a proxy whose
+    ``__class__`` raises (found when Django was merely imported, killing the
+    checker greenlet so no leak was ever reported) is passed over, and the
+    leaking request is still named."""
+    hostile = _ClassRaises()
+    app = _App()
+    try:
+        _serve(RequestContextMiddleware(app, leak_watch=0.2), ["/work", "/leak"])
+        gevent.sleep(0.8)
+        lines = [record.getMessage() for record in leak_log.records]
+        found = [(m.group(1), m.group(3)) for m in map(LEAK_LINE.match, lines) if m]
+        assert found == [("r1", "leaker-r1")], lines
+    finally:
+        app.never.set()
+        del hostile
+
+
 def test_watch_keeps_no_store_alive(leak_log: ListHandler) -> None:
     """With the watch on, a request's store (weakly watched here; the default
     plain dict cannot be) is freed as soon as its work ends."""
