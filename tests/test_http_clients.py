@@ -15,6 +15,7 @@ import json
 import logging
 import urllib.request
 from typing import Any, Callable, Dict, Iterator, List
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -32,13 +33,18 @@ Client = Callable[[str, Dict[str, str]], None]
 
 
 def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].strip("/").split("/")[0])
+    return urlsplit(url).port or 80
+
+
+def _path(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path + ("?" + parts.query if parts.query else "")
 
 
 def _http_client(url: str, headers: Dict[str, str]) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", _port(url), timeout=10)
     try:
-        conn.request("GET", "/", headers=headers)
+        conn.request("GET", _path(url), headers=headers)
         conn.getresponse().read()
     finally:
         conn.close()
@@ -48,7 +54,7 @@ def _http_client_low_level(url: str, headers: Dict[str, str]) -> None:
     """putrequest/putheader/endheaders, as xmlrpc.client does."""
     conn = http.client.HTTPConnection("127.0.0.1", _port(url), timeout=10)
     try:
-        conn.putrequest("POST", "/")
+        conn.putrequest("POST", _path(url))
         for name, value in headers.items():
             conn.putheader(name, value)
         conn.putheader("Content-Length", "0")
@@ -78,7 +84,7 @@ def _urllib3(url: str, headers: Dict[str, str]) -> None:
 
 def _urllib3_pool(url: str, headers: Dict[str, str]) -> None:
     with HTTPConnectionPool("127.0.0.1", _port(url)) as pool:
-        pool.request("GET", "/", headers=headers, timeout=10)
+        pool.request("GET", _path(url), headers=headers, timeout=10)
 
 
 def _httpx(url: str, headers: Dict[str, str]) -> None:
