@@ -77,12 +77,23 @@ def _has(headers: Any, name: str) -> bool:
 
 def _merged(headers: Any, extra: Mapping[str, str], copy: Callable[[Any], Any]) -> Any:
     """A copy of *headers* plus each of *extra* the caller did not set."""
-    missing = [(key, value) for key, value in extra.items() if not _has(headers, key)]
-    if not missing:
-        return headers
-    # Never mutate the caller's mapping (a requests PreparedRequest's, a
-    # session's defaults, a pool's): copy it.
-    merged = copy(headers)
+    lowered = getattr(headers, "_store", None)
+    if isinstance(lowered, dict) and type(headers).__name__ == "CaseInsensitiveDict":
+        # requests' headers (what a requests call hands urllib3): its _store
+        # maps each lower-case name to (name, value), so both the test and the
+        # copy run in C. Through its Mapping methods they were a third of
+        # this module's cost per requests.get (callgrind, CPython 3.11).
+        missing = [(key, value) for key, value in extra.items() if key.lower() not in lowered]
+        if not missing:
+            return headers
+        merged = dict(lowered.values())
+    else:
+        missing = [(key, value) for key, value in extra.items() if not _has(headers, key)]
+        if not missing:
+            return headers
+        # Never mutate the caller's mapping (a session's defaults, a pool's):
+        # copy it.
+        merged = copy(headers)
     for key, value in missing:
         merged[key] = value
     return merged
@@ -164,10 +175,17 @@ def _http_client_endheaders(original: Any) -> Any:
 
 def _none_valued(headers: Any) -> List[str]:
     """Lower-case names of the headers set to None in *headers* (a mapping or None)."""
-    if not headers:
+    if headers is None:
         return []
     try:
-        if None not in headers.values():
+        lowered = getattr(headers, "_store", None)
+        if isinstance(lowered, dict):  # requests' CaseInsensitiveDict: lower name -> (name, value)
+            for _, value in lowered.values():
+                if value is None:
+                    break
+            else:
+                return []
+        elif None not in headers.values():
             return []
         return [(key.decode("latin-1") if isinstance(key, bytes) else str(key)).lower()
                 for key, value in headers.items() if value is None]
@@ -181,8 +199,10 @@ def _requests_request(original: Any) -> Any:
         # session's defaults) before urllib3 sees the request: note the
         # name, so that no layer below adds it back.
         if _state.on:
-            removed = _none_valued(args[2] if len(args) > 2 else kwargs.get("headers"))
-            removed += _none_valued(getattr(self, "headers", None))
+            per_call = args[2] if len(args) > 2 else kwargs.get("headers")
+            removed = _none_valued(getattr(self, "headers", None))
+            if per_call:
+                removed += _none_valued(per_call)
             if removed:
                 token = OPTED_OUT.set(frozenset(removed))
                 try:

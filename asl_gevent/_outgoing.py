@@ -222,7 +222,13 @@ def _decide(config: Config, where: Optional[Callable[..., Where]],
     if middleware is not None:
         storage = storage or middleware[0]
         header = header or middleware[1]
-    request_id = _id_of((storage or request_storage).get_store())
+    store = (storage or request_storage).get_store()
+    if type(store) is dict:  # the middleware's own store: no Mapping isinstance (3 frames)
+        request_id = store.get("request_id")
+        if type(request_id) is not str:
+            request_id = None
+    else:
+        request_id = _id_of(store)
     if request_id is None and not config.baggage:
         return _NO_HEADERS
     if where is not None and config.targets is not None and not config.targets.match(*where(*args)):
