@@ -66,37 +66,40 @@ if "_state" not in globals():
 # -- the hooks ----------------------------------------------------------------
 
 
-def _has(headers: Any, name: str) -> bool:
-    """Whether *headers* (any mapping, str or bytes names) has *name*, any case."""
-    lower = name.lower()
-    for key in headers:
-        if (key.decode("latin-1") if isinstance(key, (bytes, bytearray)) else str(key)).lower() == lower:
-            return True
-    return False
+def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any) -> Any:
+    """*headers* plus each of *extra* the caller did not set (any case, str or
+    bytes names): *headers* itself when nothing is missing, else a copy.
 
-
-def _merged(headers: Any, extra: Mapping[str, str], copy: Callable[[Any], Any]) -> Any:
-    """A copy of *headers* plus each of *extra* the caller did not set."""
+    Written out with loops: comprehensions are frames of their own before
+    CPython 3.12, and this runs on every call.
+    """
     lowered = getattr(headers, "_store", None)
+    merged: Any = None
     if isinstance(lowered, dict) and type(headers).__name__ == "CaseInsensitiveDict":
         # requests' headers (what a requests call hands urllib3): its _store
         # maps each lower-case name to (name, value), so both the test and the
         # copy run in C. Through its Mapping methods they were a third of
         # this module's cost per requests.get (callgrind, CPython 3.11).
-        missing = [(key, value) for key, value in extra.items() if key.lower() not in lowered]
-        if not missing:
-            return headers
-        merged = dict(lowered.values())
-    else:
-        missing = [(key, value) for key, value in extra.items() if not _has(headers, key)]
-        if not missing:
-            return headers
-        # Never mutate the caller's mapping (a session's defaults, a pool's):
-        # copy it.
-        merged = copy(headers)
-    for key, value in missing:
-        merged[key] = value
-    return merged
+        for key, value in extra.items():
+            if key.lower() not in lowered:
+                if merged is None:
+                    merged = dict(lowered.values())
+                merged[key] = value
+        return headers if merged is None else merged
+    present = set()
+    for name in headers:
+        present.add((name.decode("latin-1") if isinstance(name, (bytes, bytearray))
+                     else str(name)).lower())
+    for key, value in extra.items():
+        if key.lower() not in present:
+            if merged is None:
+                # Never mutate the caller's mapping (a session's defaults, a
+                # pool's): copy it. urllib3's HTTPHeaderDict keeps repeated
+                # fields, so it copies itself; anything else becomes a dict.
+                merged = (headers.copy() if type(headers) is dict or type(headers) is header_dict
+                          or isinstance(headers, header_dict) else dict(headers))
+            merged[key] = value
+    return headers if merged is None else merged
 
 
 def _urllib3_where(pool: Any, url: str) -> Where:
@@ -106,12 +109,6 @@ def _urllib3_where(pool: Any, url: str) -> Where:
 def _urllib3_urlopen(original: Any) -> Any:
     from urllib3 import HTTPHeaderDict
 
-    def copy(headers: Any) -> Any:
-        # urllib3's HTTPHeaderDict keeps repeated fields: it copies itself;
-        # anything else becomes a plain dict (urllib3 takes any mapping; a
-        # requests CaseInsensitiveDict's own copy() costs 4x more).
-        return headers.copy() if isinstance(headers, HTTPHeaderDict) else dict(headers)
-
     def urlopen(self: Any, method: str, url: str, body: Any = None,
                 headers: Optional[Mapping[str, str]] = None, *args: Any, **kwargs: Any) -> Any:
         if not _state.on or DECIDED.get():
@@ -119,7 +116,7 @@ def _urllib3_urlopen(original: Any) -> Any:
         extra = decide(_urllib3_where, self, url)
         if extra:
             try:
-                headers = _merged(self.headers if headers is None else headers, extra, copy)
+                headers = _merged(self.headers if headers is None else headers, extra, HTTPHeaderDict)
             except Exception:  # a caller's exotic mapping: send it as it is
                 pass
         token = DECIDED.set(True)

@@ -11,8 +11,10 @@ in N is the cost of one call, with start-up and imports cancelled out::
 Clients: ``requests.get`` (a new Session per call, as the function does),
 ``Session.get`` (keep-alive; the bench's ``http/requests_get`` row),
 ``urllib3``, ``urllib.request``, ``httpx`` (a keep-alive Client). Variants:
-``off`` (asl_gevent.http imported, not installed) and ``on``
-(``install()``); the ratio is on / off. Needs valgrind.
+``off`` (asl_gevent.http imported, not installed), ``by hand`` (not
+installed; the call passes ``headers={"X-Request-ID": ...}`` itself: the
+floor, what the header costs the client) and ``on`` (``install()``); the
+ratio is on / off. Needs valgrind.
 """
 
 from __future__ import annotations
@@ -43,22 +45,23 @@ def call(client: str, variant: str, port: int, count: int) -> None:
     if variant == "on":
         asl_gevent.http.install()
     url = f"http://127.0.0.1:{port}/"
+    headers = {"X-Request-ID": "cost-request"} if variant == "by-hand" else None
     session = requests.Session()
     pool = urllib3.PoolManager()
     hclient = httpx.Client()
 
     def one() -> None:
         if client == "requests.get":
-            requests.get(url)
+            requests.get(url, headers=headers)
         elif client == "Session.get":
-            session.get(url)
+            session.get(url, headers=headers)
         elif client == "urllib3":
-            pool.request("GET", url)
+            pool.request("GET", url, headers=headers)
         elif client == "urllib.request":
-            with urllib.request.urlopen(url) as response:
-                response.read()
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as r:
+                r.read()
         else:
-            hclient.get(url)
+            hclient.get(url, headers=headers)
 
     def calls(n: int) -> None:
         for _ in range(n):
@@ -118,12 +121,13 @@ def main(argv: list[str]) -> int:
                 time.sleep(0.1)
         for client in argv or CLIENTS:
             per_call = {}
-            for variant in ("off", "on"):
+            for variant in ("off", "by-hand", "on"):
                 low, high = (instructions(client, variant, port, n) for n in COUNTS)
                 per_call[variant] = (high - low) / (COUNTS[1] - COUNTS[0])
-            print(f"{client:15s} off {per_call['off']:10,.0f}  on {per_call['on']:10,.0f}  "
-                  f"{per_call['on'] - per_call['off']:+8,.0f} instructions per call  "
-                  f"ratio {per_call['on'] / per_call['off']:.4f}", flush=True)
+            off, hand, on = per_call["off"], per_call["by-hand"], per_call["on"]
+            print(f"{client:15s} off {off:10,.0f}  by hand {hand - off:+8,.0f}  "
+                  f"on {on - off:+8,.0f} instructions per call  "
+                  f"ratio {on / off:.4f} (by hand {hand / off:.4f})", flush=True)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)
