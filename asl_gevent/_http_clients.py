@@ -73,8 +73,8 @@ def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any) -> Any:
     Written out with loops: comprehensions are frames of their own before
     CPython 3.12, and this runs on every call.
     """
-    lowered = getattr(headers, "_store", None)
     merged: Any = None
+    lowered = None if type(headers) is dict else getattr(headers, "_store", None)
     if isinstance(lowered, dict) and type(headers).__name__ == "CaseInsensitiveDict":
         # requests' headers (what a requests call hands urllib3): its _store
         # maps each lower-case name to (name, value), so both the test and the
@@ -128,7 +128,11 @@ def _urllib3_urlopen(original: Any) -> Any:
     return urlopen
 
 
-def _http_client_where(conn: Any, target: str) -> Where:
+def _http_client_where(conn: Any) -> Where:
+    # http.client keeps the request line and each header line it was given,
+    # encoded, in _buffer until endheaders() sends them (CPython 2.7-3.13).
+    parts = conn._buffer[0].split(b" ", 2)
+    target = parts[1].decode("latin-1") if len(parts) == 3 else "/"
     host = getattr(conn, "_tunnel_host", None)
     if host:  # https through a proxy: the real host is the tunnel's
         port = getattr(conn, "_tunnel_port", None)
@@ -137,34 +141,28 @@ def _http_client_where(conn: Any, target: str) -> Where:
     return "https" if getattr(conn, "default_port", 80) == 443 else "http", host, port, target
 
 
-def _add_to_http_client(conn: Any) -> None:
-    """putheader() what we send and the caller did not, before endheaders()."""
-    # http.client keeps the request line and each header line it was given,
-    # encoded, in _buffer until endheaders() sends them (CPython 2.7-3.13).
-    buffer = getattr(conn, "_buffer", None)
-    if not isinstance(buffer, list) or not buffer:
-        return
-    line = buffer[0]
-    if not isinstance(line, bytes):
-        return
-    target = line.split(b" ", 2)[1].decode("latin-1") if line.count(b" ") >= 2 else "/"
-    extra = decide(_http_client_where, conn, target)
-    if not extra:
-        return
-    present = {head.split(b":", 1)[0].strip().lower() for head in buffer[1:]
-               if isinstance(head, bytes)}
+def _put_missing(conn: Any, extra: Mapping[str, str]) -> None:
+    """putheader() each of *extra* the caller did not put (any case)."""
+    buffer = conn._buffer
     for key, value in extra.items():
-        if key.lower().encode("latin-1") not in present:
+        prefix = key.lower().encode("latin-1") + b":"  # putheader writes b"Name: value"
+        size = len(prefix)
+        for line in buffer:  # [0] is the request line, which never starts so
+            if line[:size].lower() == prefix:
+                break
+        else:
             conn.putheader(key, value)
 
 
 def _http_client_endheaders(original: Any) -> Any:
     def endheaders(self: Any, *args: Any, **kwargs: Any) -> Any:
         if _state.on and not DECIDED.get():
-            try:
-                _add_to_http_client(self)
-            except Exception:  # out of order (the original raises its own error)
-                pass
+            extra = decide(_http_client_where, self)
+            if extra:
+                try:
+                    _put_missing(self, extra)
+                except Exception:  # out of order: the original raises its own error
+                    pass
         return original(self, *args, **kwargs)
 
     return endheaders
