@@ -21,9 +21,9 @@ log lines carry the same id:
 {}
 >>> asl_gevent.http.uninstall()
 
-There is one small hook per client (see :mod:`asl_gevent._http_clients`) and
-one function that decides the headers for a URL (see
-:mod:`asl_gevent._outgoing`). Rules:
+There is one small hook per client (``asl_gevent._http_clients``) and
+one function that decides the headers for a URL
+(``asl_gevent._outgoing``). Rules:
 
 - a header the caller set (any case) is never overridden, and one the caller
   removed for a call (``requests``: ``headers={"X-Request-ID": None}``, or a

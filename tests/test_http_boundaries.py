@@ -255,3 +255,35 @@ def test_a_header_set_to_none_for_one_call_sends_none(a: Recorder, uninstalled: 
     assert ids(a) == [[], [], ["req-n"], [], [], ["req-n"]]
     assert ids(a, "baggage") == [["tenant=acme"], ["tenant=acme"], [], ["tenant=acme"], [],
                                  ["tenant=acme"]]
+
+
+def _through_proxy(client: str, proxy: str, url: str) -> None:
+    if client == "requests":
+        requests.get(url, proxies={"http": proxy}, timeout=10)
+    elif client == "urllib3":
+        import urllib3
+        with urllib3.ProxyManager(proxy) as manager:
+            manager.request("GET", url, timeout=10)
+    elif client == "urllib.request":
+        import urllib.request
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+        with opener.open(url, timeout=10) as response:
+            response.read()
+    else:
+        import httpx
+        with httpx.Client(proxy=proxy, timeout=10) as client_:
+            client_.get(url)
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3", "urllib.request", "httpx"])
+def test_through_an_http_proxy_the_targets_apply_to_the_url_not_the_proxy(
+        a: Recorder, b: Recorder, uninstalled: None, client: str) -> None:
+    """a plays a forward proxy (it answers itself): a call to b's URL, a
+    target, goes to a with the id; a call to another port's URL through the
+    same proxy carries none."""
+    from helpers import free_port
+    asl_gevent.http.install(targets=[f"127.0.0.1:{port(b)}"])
+    other = f"http://127.0.0.1:{free_port()}/x"
+    in_request("req-p", lambda: [_through_proxy(client, a.url, url) for url in (b.url, other)])
+    assert a.paths == [b.url, other]
+    assert ids(a) == [["req-p"], []] and b.seen == []
