@@ -287,3 +287,56 @@ def test_through_an_http_proxy_the_targets_apply_to_the_url_not_the_proxy(
     in_request("req-p", lambda: [_through_proxy(client, a.url, url) for url in (b.url, other)])
     assert a.paths == [b.url, other]
     assert ids(a) == [["req-p"], []] and b.seen == []
+
+
+import unicodedata  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from asl_gevent._baggage import MAX_MEMBERS, decode  # noqa: E402
+
+_FUZZ_TENANT = AsyncLocalStorage(name="fuzz-tenant")
+_FUZZ_USER = AsyncLocalStorage(name="fuzz-user")
+_any_text = st.text(st.characters(), max_size=40)  # lone surrogates included
+_store = st.one_of(st.none(), _any_text, st.integers(),
+                   st.dictionaries(st.one_of(_any_text, st.integers()),
+                                   st.one_of(_any_text, st.none()), max_size=8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_id=st.one_of(st.none(), _any_text, st.integers()), tenant=_store, user=_store)
+def test_outgoing_headers_never_raise_and_send_only_what_decodes_back(
+        request_id: Any, tenant: Any, user: Any) -> None:
+    """Whatever the stores hold: no exception, header values are printable
+    ASCII, baggage within the W3C limits, and each storage that is sent
+    decodes back to exactly its store."""
+    asl_gevent.http.install(baggage=[_FUZZ_TENANT, _FUZZ_USER])
+    try:
+        def headers() -> Dict[str, str]:
+            _FUZZ_TENANT.enter_with(tenant)
+            _FUZZ_USER.enter_with(user)
+            return asl_gevent.http.outgoing_headers("http://127.0.0.1/")
+        logging.disable(logging.WARNING)
+        try:
+            got = request_storage.run({"request_id": request_id}, headers)
+        finally:
+            logging.disable(logging.NOTSET)
+    finally:
+        asl_gevent.http.uninstall()
+    for value in got.values():
+        assert value.isascii() and value.isprintable()
+    assert got.get("X-Request-ID") == (request_id if isinstance(request_id, str) and re.fullmatch(
+        r"[A-Za-z0-9._:@/+=-]{1,128}", request_id) else None)
+    value = got.get("baggage", "")
+    assert len(value) <= MAX_BYTES and value.count(",") < MAX_MEMBERS
+    members = decode(value) if value else {}
+    for name, store in (("fuzz-tenant", tenant), ("fuzz-user", user)):
+        texts = [store] if isinstance(store, str) else (
+            list(store.values()) if isinstance(store, dict) else [])
+        if any(unicodedata.category(c) == "Cc" for t in texts if isinstance(t, str) for c in t):
+            continue  # the middleware may refuse control characters coming in (issue 14.4)
+        sent = {key[len(name) + 1:]: v for key, v in members.items() if key.startswith(name + ".")}
+        if name in members:
+            assert members[name] == store
+        elif sent:
+            assert sent == store
