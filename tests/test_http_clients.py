@@ -276,3 +276,22 @@ def test_httpx_client_under_monkey_patch_all(server: Recorder) -> None:
                                   for via in ("request", "spawn", "requests")}
     want["/?n=none&via=outside"] = []
     assert got == want
+
+
+def test_the_outgoing_http_example_prints_what_its_docstring_shows() -> None:
+    """examples/outgoing_http.py: the target gets the id and baggage from
+    requests, httpx and urllib.request; the third party gets nothing; a
+    header set to None stays out."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from helpers import ROOT
+    example = ROOT / "examples" / "outgoing_http.py"
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
+                              timeout=90, cwd=cwd)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    doc = example.read_text().split("$ python examples/outgoing_http.py\n")[1].split('"""')[0]
+    assert proc.stdout.splitlines() == [line.strip() for line in doc.strip().splitlines()]
+    assert len(proc.stdout.splitlines()) == 7
