@@ -107,7 +107,9 @@ def _urllib3_where(pool: Any, url: str) -> Where:
 
 
 def _urllib3_urlopen(original: Any) -> Any:
-    from urllib3 import HTTPHeaderDict
+    # From its own module: this runs right after urllib3.connectionpool is
+    # imported, maybe while urllib3/__init__ is still running.
+    from urllib3._collections import HTTPHeaderDict
 
     def urlopen(self: Any, method: str, url: str, body: Any = None,
                 headers: Optional[Mapping[str, str]] = None, *args: Any, **kwargs: Any) -> Any:

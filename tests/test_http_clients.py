@@ -220,11 +220,14 @@ SCENARIO_IMPORT_LATER = r"""
 import json, sys
 import asl_gevent.http
 from asl_gevent.wsgi import request_storage
-before = sorted(m for m in ("requests", "urllib3", "httpx") if m in sys.modules)
+before = sorted(m for m in ("requests", "urllib3", "httpx", "http.client", "urllib.request")
+                if m in sys.modules)
 asl_gevent.http.install()
-import requests, httpx, urllib3  # imported after install(): hooked when imported
+# imported after install(): each hooked when imported
+import urllib.request, requests, httpx, urllib3
 url = sys.argv[1]
 def calls():
+    urllib.request.urlopen(url, timeout=10).read()
     requests.get(url, timeout=10)
     urllib3.request("GET", url, timeout=10)
     httpx.get(url, timeout=10)
@@ -238,7 +241,7 @@ print(json.dumps({"before": before}))
 def test_clients_imported_after_install_are_hooked_when_imported(server: Recorder) -> None:
     proc = run_python(SCENARIO_IMPORT_LATER, args=(server.url,))
     assert json.loads(proc.stdout.splitlines()[-1]) == {"before": []}
-    assert [seen["X-Request-ID"] for seen in server.seen] == [["late"]] * 3 + [[]] * 3
+    assert [seen["X-Request-ID"] for seen in server.seen] == [["late"]] * 4 + [[]] * 4
 
 
 SCENARIO_PATCHED = r"""
