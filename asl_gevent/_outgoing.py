@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import re
 from contextvars import ContextVar
-from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from itertools import islice
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional,
+                    Tuple)
 from urllib.parse import quote, urlsplit
 
 from . import _baggage
@@ -260,6 +262,12 @@ def _baggage_value(config: Config) -> str:
             store = storage.get_store()
             if store is None or store is storage.default:
                 continue
+            room = max(_baggage.MAX_MEMBERS - len(parts), 0)
+            if isinstance(store, Mapping) and len(store) > room:
+                # Only the members that can still fit are looked at: a
+                # mapping of a million keys costs what 180 cost.
+                dropped += len(store) - room
+                store = dict(islice(store.items(), room))
             members = _baggage.members_of(storage.name, store)
         except Exception as exc:  # a get_store() override, an exotic mapping
             _warn_once(config, storage.name, "not sending %r as baggage: reading its store "
@@ -270,10 +278,9 @@ def _baggage_value(config: Config) -> str:
                        "a %s, not a str or a flat mapping of str to str; warned once",
                        storage, type(store).__name__)
             continue
-        room = _baggage.MAX_MEMBERS - len(parts)
-        if len(members) > room:
-            dropped += len(members) - max(room, 0)
-            members = members[:max(room, 0)]
+        if len(members) > room:  # a str store with no room left
+            dropped += len(members) - room
+            members = members[:room]
         encoded: List[str] = []
         for key, value in members:
             if len(key) + 1 + len(value) > _baggage.MAX_BYTES:
