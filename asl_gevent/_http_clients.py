@@ -33,7 +33,7 @@ from __future__ import annotations
 import _thread
 import sys
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from ._imports import cancel_when_imported, when_imported
 from ._outgoing import DECIDED, OPTED_OUT, Where, decide
@@ -400,8 +400,3 @@ def uninstall() -> None:
 def is_installed() -> bool:
     return _state.on
 
-
-def installed_hooks() -> Dict[str, Any]:
-    """``"module.Owner.name" -> hook`` in place now (for tests and debugging)."""
-    return {f"{owner.__module__}.{owner.__qualname__}.{name}": hook
-            for owner, name, hook, _ in _state.patches}
