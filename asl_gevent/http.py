@@ -1,8 +1,9 @@
-"""Outgoing HTTP carries the request id: ``requests`` and ``urllib3``.
+"""Outgoing HTTP carries the request id: http.client, urllib, requests, urllib3, httpx.
 
-After :func:`install`, every request sent through ``urllib3`` -- and so every
-``requests`` call, whose transport is ``urllib3`` -- while a request store is
-current carries the request's id in the header the
+After :func:`install`, every request sent through ``http.client`` (and so
+``urllib.request`` and libraries built on it), ``urllib3`` (and so
+``requests``) and ``httpx`` (``Client`` and ``AsyncClient``) while a request
+store is current carries the request's id in the header the
 :class:`~asl_gevent.wsgi.RequestContextMiddleware` reads (``X-Request-ID``
 unless configured). The downstream service's middleware picks it up, so its
 log lines carry the same id:
@@ -14,227 +15,162 @@ log lines carry the same id:
 {'X-Request-ID': 'req-7'}
 >>> asl_gevent.http.outgoing_headers()    # outside a request: nothing is added
 {}
+>>> asl_gevent.http.install(targets=["api.internal", ".svc.cluster.local"])
+>>> request_storage.run({"request_id": "req-7"}, asl_gevent.http.outgoing_headers,
+...                     "https://api.github.com/")
+{}
 >>> asl_gevent.http.uninstall()
 
-The hook sits in one place, ``urllib3.HTTPConnectionPool.urlopen``, which
-every ``urllib3`` and ``requests`` call (and every redirect and retry) goes
-through, so a header is never added twice. Rules:
+There is one small hook per client (``asl_gevent._http_clients``) and
+one function that decides the headers for a URL
+(``asl_gevent._outgoing``). Rules:
 
-- a header the caller set (any case) is never overridden;
+- a header the caller set (any case) is never overridden, and one the caller
+  removed for a call (``requests``: ``headers={"X-Request-ID": None}``, or a
+  session header set to ``None``) is not added back;
 - outside a request (no store) nothing is added;
+- ``targets=`` limits the hosts/URLs that get anything (default: every
+  host, as in 0.2);
 - an id the middleware would reject (see
   :func:`~asl_gevent.wsgi.request_id_from`) is not sent; warned once;
-- the store is read in the greenlet, pool task or thread that makes the call,
-  so work a request spawned carries its id too;
-- errors are the library's own: a service that is down fails the call exactly
-  as it would without this module.
+- one header per request, whatever the layers (requests -> urllib3 ->
+  http.client), and per hop: each redirect decides for its own URL;
+- the store is read in the greenlet, pool task, thread or asyncio task that
+  makes the call, so work a request spawned carries its id too;
+- errors are the library's own: nothing this module computes can make a call
+  fail, and a service that is down fails the call exactly as it would without
+  this module.
 
 Optionally, named storages whose stores are strings or flat mappings of
 strings travel as W3C ``baggage`` members (see :mod:`asl_gevent._baggage` for
 the encoding and limits); give the same storages to the downstream
-middleware's ``baggage=`` to restore them there.
+middleware's ``baggage=`` to restore them there. A store that cannot be
+encoded is left out alone (warned once per storage); the id still goes.
 
-:func:`uninstall` puts back the exact function it replaced.
+:func:`uninstall` puts back exactly what :func:`install` replaced, unless
+another library wrapped it since: then our hook stays inside their wrapper,
+switched off.
 
 .. versionadded:: 0.2
+.. versionchanged:: 0.3
+   ``http.client``/``urllib.request`` and ``httpx`` are covered; ``targets=``;
+   a header set to ``None`` for a call stays out; ``uninstall()`` is exact
+   under other patchers; an unencodable store never fails the call.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional
 
-from . import _baggage
+from . import _http_clients, _outgoing
 from ._storage import AsyncLocalStorage
-from .wsgi import _HEADER_NAME_RE, _ID_RE, _OUTGOING, _id_of, request_storage
+from .wsgi import _HEADER_NAME_RE, _check_baggage
 
 __all__ = ["install", "uninstall", "is_installed", "outgoing_headers"]
 
-_log = logging.getLogger(__name__)
 
-# Kept across importlib.reload, which re-runs this file in the same
-# namespace: urllib3 may be patched then, and is_installed()/uninstall() must
-# still know what to put back.
-if "_patched" not in globals():
-    _lock = threading.Lock()
-    # (class, attribute, original, ours) for each patched attribute.
-    _patched: List[Tuple[type, str, Any, Any]] = []
+def install(targets: Optional[Iterable[Any]] = None,
+            baggage: Iterable[AsyncLocalStorage[Any]] = (), *,
+            header: Optional[str] = None,
+            storage: Optional[AsyncLocalStorage[Any]] = None) -> None:
+    """Make outgoing HTTP calls made in a request carry its id (and baggage).
 
+    :param targets: where ids and baggage may go; ``None`` (the default):
+        every host, as in 0.2. Otherwise an iterable of
 
-class _Config:
-    __slots__ = ("header", "storage", "baggage", "warned")
+        - ``"api.internal"``: that host, on any port (case-insensitive);
+        - ``"api.internal:8443"``: that host on that port;
+        - ``".example.com"``: ``example.com`` and all its subdomains;
+        - ``re.compile(...)``: a pattern searched in each request's URL,
+          ``scheme://host[:port]/path?query`` (the port only if not the
+          scheme's default), e.g. ``re.compile(r"^https://billing\\.example\\.com/v2/")``.
 
-    def __init__(self, header: Optional[str], storage: Optional[AsyncLocalStorage[Any]],
-                 baggage: Tuple[AsyncLocalStorage[Any], ...]) -> None:
-        self.header = header
-        self.storage = storage
-        self.baggage = baggage
-        # Names of the storages (and "id") already warned about: once each.
-        self.warned: set[str] = set()
-
-
-if "_config" not in globals():  # kept across a reload too: the installed config
-    _config = _Config(None, None, ())
-    _HTTPHeaderDict: Any = type(None)  # urllib3's, once install() imported it
-
-
-def install(*, header: Optional[str] = None,
-            storage: Optional[AsyncLocalStorage[Any]] = None,
-            baggage: Iterable[AsyncLocalStorage[Any]] = ()) -> None:
-    """Make outgoing ``requests``/``urllib3`` calls carry the request id.
-
+        A plain string is a host, never a substring of the URL
+        (``"api.example.com"`` does not match ``api.example.com.evil.net``).
+        ``targets=()`` sends nothing anywhere. Each redirect hop is checked
+        on its own URL.
+    :param baggage: named storages whose str or flat str-mapping stores are
+        sent in the W3C ``baggage`` header (unless the caller set one).
     :param header: the header to send the id in. Default: the header of the
         :class:`~asl_gevent.wsgi.RequestContextMiddleware` serving the current
         request, ``X-Request-ID`` for the default middleware or outside one.
     :param storage: where the id is read (``store["request_id"]`` or
         ``store.request_id``). Default: the middleware's storage, else
         :data:`~asl_gevent.wsgi.request_storage`.
-    :param baggage: named storages whose str or flat str-mapping stores are
-        sent in the W3C ``baggage`` header (unless the caller set one).
 
-    Idempotent: a second call only replaces the settings.
+    Hooks ``http.client``, ``urllib3``, ``requests`` and ``httpx`` where they
+    are imported, and each of them when it is imported later. Idempotent: a
+    second call only replaces the settings (all of them: what it is not given
+    goes back to the default). Thread-safe.
 
-    :raises ImportError: if ``urllib3`` is not installed (``pip install
-        asl_gevent[http]``).
     :raises TypeError: bad argument types; :raises ValueError: a bad header
-        name or a baggage storage without a token name. Nothing is patched then.
+        name, a target that is neither a host nor a pattern, or a baggage
+        storage without a token name. Nothing is patched or changed then.
+
+    .. versionadded:: 0.2
+    .. versionchanged:: 0.3
+       The *targets* argument (first, so ``install(["api.internal"])``
+       works); ``http.client``/``urllib.request`` and ``httpx`` are hooked
+       too; no longer needs ``urllib3``.
     """
+    where = "asl_gevent.http.install()"
     if header is not None:
         if not isinstance(header, str):
-            raise TypeError(f"asl_gevent.http.install() argument 'header' must be a str "
+            raise TypeError(f"{where} argument 'header' must be a str "
                             f"or None, not {type(header).__name__!r}; e.g. header='X-Request-ID'")
         if _HEADER_NAME_RE.fullmatch(header) is None:
-            raise ValueError(f"asl_gevent.http.install() argument 'header' must be an HTTP "
+            raise ValueError(f"{where} argument 'header' must be an HTTP "
                              f"header name, not {header!r}; e.g. header='X-Request-ID'")
     if storage is not None and not isinstance(storage, AsyncLocalStorage):
-        raise TypeError(f"asl_gevent.http.install() argument 'storage' must be an "
+        raise TypeError(f"{where} argument 'storage' must be an "
                         f"AsyncLocalStorage or None, not {type(storage).__name__!r}")
-    from .wsgi import _check_baggage
-    storages = _check_baggage(baggage, "asl_gevent.http.install()")
-    try:
-        from urllib3.connectionpool import HTTPConnectionPool
-    except ImportError:
-        raise ImportError("asl_gevent.http needs urllib3 (and requests, if you use it): "
-                          "pip install 'asl_gevent[http]'") from None
-    from urllib3 import HTTPHeaderDict
-    global _config, _HTTPHeaderDict
-    _HTTPHeaderDict = HTTPHeaderDict
-    with _lock:
-        _config = _Config(header, storage, storages)
-        if _patched:
-            return
-        original = HTTPConnectionPool.__dict__["urlopen"]
-        ours = _wrap_urlopen(original)
-        HTTPConnectionPool.urlopen = ours  # type: ignore[method-assign]
-        _patched.append((HTTPConnectionPool, "urlopen", original, ours))
+    storages = _check_baggage(baggage, where)
+    parsed: Optional[_outgoing.Targets] = None
+    if targets is not None:
+        if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
+            raise TypeError(f"{where} argument 'targets' must be None or an iterable of "
+                            f"host names and compiled URL patterns, not "
+                            f"{type(targets).__name__!r}; e.g. targets=['api.internal']")
+        parsed = _outgoing.Targets(targets, where)
+    _outgoing.configure(_outgoing.Config(header, storage, storages, parsed))
+    _http_clients.install()
 
 
 def uninstall() -> None:
-    """Put back what :func:`install` replaced (idempotent).
+    """Put back what :func:`install` replaced (idempotent, thread-safe).
 
-    An attribute someone else replaced since is left alone (their patch keeps
-    working; ours is then bypassed anyway).
+    Every attribute that still holds our hook gets back exactly what it held
+    before :func:`install`. One another library wrapped since (an
+    OpenTelemetry instrumentation, say) is left to it: our hook stays inside
+    their wrapper, switched off (it passes every call straight through), and
+    a later :func:`install` switches it on again rather than wrapping twice.
+
+    .. versionchanged:: 0.3 exact under other patchers.
     """
-    with _lock:
-        while _patched:
-            owner, name, original, ours = _patched.pop()
-            if owner.__dict__.get(name) is ours:
-                setattr(owner, name, original)
+    _http_clients.uninstall()
 
 
 def is_installed() -> bool:
     """Whether :func:`install` is in effect."""
-    return bool(_patched)
+    return _http_clients.is_installed()
 
 
-def outgoing_headers() -> Dict[str, str]:
+def outgoing_headers(url: Optional[str] = None) -> Dict[str, str]:
     """The headers an outgoing call would get here and now (maybe ``{}``).
 
-    Handy for clients this module does not patch (``httpx``, ``aiohttp``):
-    ``client.get(url, headers=outgoing_headers())``.
+    Handy for clients this module does not patch (``aiohttp``, a raw
+    socket): ``session.get(url, headers=outgoing_headers(url))``. Whatever
+    the stores hold, it never raises.
+
+    :param url: the absolute URL the call goes to: then ``targets=`` apply
+        (``{}`` for a URL they do not allow). Without it, the headers are
+        given whatever the targets, and where they go is up to the caller.
+
+    :raises TypeError: if *url* is not a str or None.
+
+    .. versionchanged:: 0.3 the *url* argument.
     """
-    config = _config
-    middleware = _OUTGOING.get(None)
-    storage = config.storage
-    header = config.header
-    if middleware is not None:
-        storage = storage or middleware[0]
-        header = header or middleware[1]
-    headers: Dict[str, str] = {}
-    request_id = _id_of((storage or request_storage).get_store())
-    if request_id is not None:
-        if _ID_RE.fullmatch(request_id) is not None:
-            headers[header or "X-Request-ID"] = request_id
-        else:
-            _warn_once(config, "id", "not sending request id %r: the middleware would "
-                       "reject it (1-128 of A-Z a-z 0-9 . _ : @ / + = -); warned once",
-                       request_id[:200])
-    if config.baggage:
-        value = _baggage_value(config)
-        if value:
-            headers["baggage"] = value
-    return headers
-
-
-def _baggage_value(config: _Config) -> str:
-    members: List[Tuple[str, str]] = []
-    for storage in config.baggage:
-        store = storage.get_store()
-        if store is None or store is storage.default:
-            continue
-        found = _baggage.members_of(storage.name, store)
-        if found is None:
-            _warn_once(config, storage.name, "not sending %r as baggage: its store is "
-                       "a %s, not a str or a flat mapping of str to str; warned once",
-                       storage, type(store).__name__)
-            continue
-        members.extend(found)
-    value, dropped = _baggage.encode_members(members)
-    if dropped:
-        _warn_once(config, "baggage-limit", "dropped %d baggage members over the W3C "
-                   "limits (%d members, %d bytes); warned once",
-                   dropped, _baggage.MAX_MEMBERS, _baggage.MAX_BYTES)
-    return value
-
-
-def _warn_once(config: _Config, key: str, message: str, *args: Any) -> None:
-    if key not in config.warned:
-        config.warned.add(key)
-        _log.warning(message, *args)
-
-
-def _with_headers(headers: Any, extra: Dict[str, str]) -> Any:
-    """A copy of *headers* plus each of *extra* the caller did not set."""
-    # urllib3 takes bytes header names too (headers={b"X-Request-ID": b"mine"})
-    # and sends them as they are: a bytes name of any case is the caller's
-    # header as much as a str one, or the request would carry two.
-    present = {(key.decode("latin-1") if isinstance(key, (bytes, bytearray)) else str(key)).lower()
-               for key in headers}
-    missing = [(key, value) for key, value in extra.items() if key.lower() not in present]
-    if not missing:
-        return headers
-    # Never mutate the caller's mapping (a requests PreparedRequest, a
-    # session's defaults, a pool's headers): copy it. urllib3's HTTPHeaderDict
-    # keeps repeated fields, so it copies itself; anything else becomes a
-    # plain dict (urllib3 takes any mapping; a requests CaseInsensitiveDict's
-    # own copy() costs 4x more).
-    merged = headers.copy() if isinstance(headers, _HTTPHeaderDict) else dict(headers)
-    for key, value in missing:
-        merged[key] = value
-    return merged
-
-
-def _wrap_urlopen(original: Any) -> Any:
-    def urlopen(self: Any, method: str, url: str, body: Any = None,
-                headers: Optional[Mapping[str, str]] = None, *args: Any, **kwargs: Any) -> Any:
-        extra = outgoing_headers()
-        if extra:
-            headers = _with_headers(self.headers if headers is None else headers, extra)
-        return original(self, method, url, body, headers, *args, **kwargs)
-
-    urlopen.__wrapped__ = original  # type: ignore[attr-defined]
-    urlopen.__doc__ = original.__doc__
-    urlopen.__name__ = original.__name__
-    urlopen.__qualname__ = original.__qualname__
-    return urlopen
+    if url is not None and not isinstance(url, str):
+        raise TypeError(f"asl_gevent.http.outgoing_headers() argument 'url' must be a str "
+                        f"or None, not {type(url).__name__!r}; e.g. 'https://api.internal/'")
+    return _outgoing.headers_for_url(url)

@@ -35,16 +35,24 @@ class Recorder:
 
     def __init__(self) -> None:
         self.seen: List[Dict[str, List[str]]] = []
+        self.paths: List[str] = []
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real services
+
             def do_GET(self) -> None:
                 recorder.seen.append({
                     name: self.headers.get_all(name) or []
-                    for name in ("X-Request-ID", "X-Correlation-ID", "baggage")})
-                if self.path == "/redirect":
+                    for name in ("X-Request-ID", "X-Correlation-ID", "baggage", "traceparent")})
+                recorder.paths.append(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                if self.path == "/redirect" or self.path.startswith("/away?"):
                     self.send_response(302)
-                    self.send_header("Location", "/")
+                    self.send_header("Location", unquote(self.path[len("/away?"):])
+                                     if self.path.startswith("/away?") else "/")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -53,13 +61,17 @@ class Recorder:
                 self.end_headers()
                 self.wfile.write(b"ok")
 
+            do_POST = do_GET
+
             def log_message(self, *args: Any) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_port}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll: shutdown() waits for it, once per test.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,),
+                                       daemon=True)
         self.thread.start()
 
     def close(self) -> None:
