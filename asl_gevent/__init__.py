@@ -19,4 +19,4 @@ from ._storage import AsyncLocalStorage as AsyncLocalStorage
 __all__ = ["AsyncLocalStorage", "AsyncResource", "install", "uninstall", "is_installed",
            "run_detached", "detached", "detach_starter", "undetach_starter", "KNOWN_STARTERS"]
 
-__version__ = "0.2.0.dev0"
+__version__ = "0.3.0.dev0"

@@ -15,12 +15,14 @@ global), and so does the example's own test suite (``manage.py test``).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import textwrap
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -383,3 +385,118 @@ def test_middleware_subclass_with_its_own_header_and_storage() -> None:
     with tenant_ids.scope("already"):
         response = middleware(Request({"HTTP_X_CORRELATION_ID": "corr-2"}))
     assert (seen[1:], dict(response)) == (["already"], {})
+
+
+# -- docs/howto/django.rst, as a newcomer follows it -------------------------------
+
+PAGE = ROOT / "docs" / "howto" / "django.rst"
+
+
+def _page_code_block(caption: str) -> str:
+    """The ``code-block:: python`` on the Django page whose caption starts with *caption*."""
+    match = re.search(r"^\.\. code-block:: python\n   :caption: " + re.escape(caption)
+                      + r".*\n(?:   :.*\n)*\n((?:   .*\n|\n)+)", PAGE.read_text(), re.M)
+    assert match is not None, caption
+    return textwrap.dedent(match.group(1)).strip("\n") + "\n"
+
+
+def _assigned_list(source: str, name: str) -> List[str]:
+    """The list of strings *source* assigns to *name* at module level."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]:
+            return list(ast.literal_eval(node.value))
+    raise AssertionError(f"no {name} = [...]")
+
+
+def _with_middleware(settings: str, block: str) -> str:
+    """*settings* with its ``MIDDLEWARE = [...]`` replaced by *block*."""
+    start = settings.index("MIDDLEWARE = [")
+    end = settings.index("]\n", start) + 2
+    return settings[:start] + block + settings[end:]
+
+
+def _manage(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=str(project),
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_the_page_prepends_the_middleware_to_a_startproject_project(tmp_path: Path) -> None:
+    """The page's MIDDLEWARE is startproject's with ``RequestIdMiddleware``
+    prepended; so edited, a fresh project passes ``manage.py check`` and its
+    test Client's requests get their id. The example project's own short
+    list, which the page used to show, fails the check there (admin.E408-E410)."""
+    proc = subprocess.run([sys.executable, "-m", "django", "startproject", "proj"],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    project = tmp_path / "proj"
+    settings_file = project / "proj" / "settings.py"
+    generated = settings_file.read_text()
+
+    block = _page_code_block("mysite/settings.py (a startproject project)")
+    assert _assigned_list(block, "MIDDLEWARE") == (
+        ["asl_gevent.django.RequestIdMiddleware"] + _assigned_list(generated, "MIDDLEWARE"))
+    assert ":start-at: MIDDLEWARE" not in PAGE.read_text()
+
+    short = (PROJECT / "mysite" / "settings.py").read_text()
+    short_block = "MIDDLEWARE = " + repr(_assigned_list(short, "MIDDLEWARE")) + "\n"
+    settings_file.write_text(_with_middleware(generated, short_block))
+    broken = _manage(project, "check")
+    assert broken.returncode != 0
+    assert [e for e in ("admin.E408", "admin.E409", "admin.E410") if e not in broken.stderr] == []
+
+    settings_file.write_text(_with_middleware(generated, block))
+    checked = _manage(project, "check")
+    assert checked.returncode == 0, checked.stderr
+    assert "System check identified no issues (0 silenced)." in checked.stdout
+    client = _manage(project, "shell", "-c", textwrap.dedent("""
+        from django.test import Client
+        from django.test.utils import setup_test_environment
+        setup_test_environment()  # what manage.py test does: ALLOWED_HOSTS gets "testserver"
+        first = Client().get("/nowhere", headers={"X-Request-ID": "sp-1"})
+        second = Client().get("/nowhere")
+        print(first.status_code, first["X-Request-ID"], len(second["X-Request-ID"]))
+    """))
+    assert client.returncode == 0, client.stderr
+    assert client.stdout.splitlines()[-1].split() == ["404", "sp-1", "32"]
+
+
+def test_the_page_includes_what_a_reader_needs() -> None:
+    """Signal handlers connected in apps.py ``ready()`` with the app in
+    INSTALLED_APPS, tests.py whole (with its imports), an install line that
+    needs no package index."""
+    page = PAGE.read_text()
+    assert ".. literalinclude:: ../../examples/django_app/mysite/apps.py\n" in page
+    assert re.search(r"mysite/settings\.py\n(?:   :.*\n)*   :end-at: INSTALLED_APPS =\n", page)
+    tests_include = re.search(r"literalinclude:: \.\./\.\./examples/django_app/mysite/tests\.py\n"
+                              r"((?:   :.*\n)*)", page)
+    assert tests_include is not None
+    assert ":start-" not in tests_include.group(1) and ":end-" not in tests_include.group(1)
+    assert "pip install 'asl_gevent[" not in page
+    assert "your-venv/bin/pip install './asl_gevent[gunicorn,django]'" in page
+
+
+def test_the_page_wsgi_py_installs_the_http_hook_at_import(tmp_path: Path) -> None:
+    """The page's ``wsgi.py`` with :func:`asl_gevent.http.install` is the
+    example's plus the two lines; importing it (what gunicorn and runserver
+    do) installs the hook, and a request's outgoing calls carry its id."""
+    block = _page_code_block("mysite/wsgi.py")
+    example = (PROJECT / "mysite" / "wsgi.py").read_text().split('"""\n', 1)[1]
+    added = [line for line in block.splitlines() if "asl_gevent.http" in line]
+    assert added == ["import asl_gevent.http", "asl_gevent.http.install()"]
+    assert [line for line in block.splitlines() if line not in added] == \
+        example.strip("\n").splitlines()
+    assert block.index("asl_gevent.http.install()") < block.index("application =")
+    (tmp_path / "wsgi_with_http.py").write_text(block)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import asl_gevent.http
+        from asl_gevent.wsgi import request_storage
+        print(asl_gevent.http.is_installed())
+        import wsgi_with_http
+        print(asl_gevent.http.is_installed(), type(wsgi_with_http.application).__name__)
+        print(request_storage.run({"request_id": "w-1"}, asl_gevent.http.outgoing_headers))
+    """)], capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(PROJECT), str(ROOT)])))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["False", "True RequestContextMiddleware",
+                                        "{'X-Request-ID': 'w-1'}"]

@@ -11,6 +11,7 @@ same tests as this checkout with no collection error.
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -166,3 +167,158 @@ def test_tests_run_from_the_unpacked_sdist(dists: Dict[str, Path], tmp_path: Pat
     ran = _pytest_in(unpacked, "-q", "tests/test_exports.py",
                      "tests/test_request_logger.py::test_request_logger_demo[2]")
     assert ran.returncode == 0, ran.stdout + ran.stderr
+
+
+def _module_level_imports(source: str, module: str, is_package: bool) -> List[str]:
+    """Absolute names of the modules *source* imports when it is imported.
+
+    Module level only (also inside ``if``/``try``/``else``; not in functions or
+    classes, which run later if at all). An import in a ``try`` body whose
+    ``except`` catches ``ImportError`` and goes on without it is optional and
+    left out; the ``else`` of such a ``try`` is not optional (gunicorn 27's
+    ``ggevent`` imports ``packaging`` there). ``from X import Y`` yields ``X``
+    and ``X.Y`` (Y may be a submodule).
+    """
+    package = module if is_package else module.rpartition(".")[0]
+    found: List[str] = []
+
+    def catches_import_error(handler: ast.ExceptHandler) -> bool:
+        caught = handler.type
+        names = (list(caught.elts) if isinstance(caught, ast.Tuple)
+                 else [caught] if caught is not None else [])
+        return any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError")
+                   for n in names)
+
+    def optional(node: ast.Try) -> bool:
+        return any(catches_import_error(handler)
+                   and not any(isinstance(s, ast.Raise) for s in handler.body)
+                   for handler in node.handlers)
+
+    def walk(body: List[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.Import):
+                found.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    target = f"{base}.{node.module}" if node.module else base
+                else:
+                    target = node.module or ""
+                found.append(target)
+                found.extend(f"{target}.{alias.name}" for alias in node.names)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            elif isinstance(node, ast.Try):
+                if not optional(node):
+                    walk(node.body)
+                walk(node.orelse)
+                walk(node.finalbody)
+                for handler in node.handlers:  # a fallback runs only if an import failed
+                    if not catches_import_error(handler):
+                        walk(handler.body)
+            elif isinstance(node, (ast.If, ast.With)):
+                walk(node.body)
+                walk(getattr(node, "orelse", []))
+    walk(ast.parse(source).body)
+    return found
+
+
+def _gunicorn_third_party_imports(start: List[str]) -> Dict[str, List[str]]:
+    """Top-level non-stdlib, non-gunicorn module -> the gunicorn modules that
+    import it, following gunicorn's own imports from *start* (as installed)."""
+    import importlib.util
+
+    seen: set = set()
+    todo = list(start)
+    outside: Dict[str, List[str]] = {}
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue  # a name imported from a module, not a module
+        is_package = spec.submodule_search_locations is not None
+        for imported in _module_level_imports(Path(spec.origin).read_text(), name, is_package):
+            top = imported.partition(".")[0]
+            if top == "gunicorn":
+                todo.append(imported)
+            elif top and top not in sys.stdlib_module_names:
+                outside.setdefault(top, []).append(name)
+    return outside
+
+
+def _gunicorn_extra_requirements(wheel: Path) -> List[str]:
+    """Distributions ``asl_gevent[gunicorn]`` installs (base requirements and
+    the ``gunicorn`` extra), read with importlib.metadata from the wheel built
+    from this checkout (an editable install's metadata is as old as its last
+    ``pip install``)."""
+    from importlib.metadata import PathDistribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    with zipfile.ZipFile(wheel) as archive:
+        dist_info = next(n.split("/")[0] for n in archive.namelist()
+                         if n.endswith(".dist-info/METADATA"))
+        distribution = PathDistribution(zipfile.Path(archive, f"{dist_info}/"))  # type: ignore[arg-type]
+        requires = distribution.requires or []
+    names = []
+    for line in requires:
+        requirement = Requirement(line)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": "gunicorn"}):
+            names.append(canonicalize_name(requirement.name))
+    return sorted(names)
+
+
+def test_the_gunicorn_extra_installs_what_the_worker_classes_import(
+        dists: Dict[str, Path]) -> None:
+    """``pip install 'asl_gevent[gunicorn]'`` alone can load
+    ``-k asl_gevent.gunicorn.GeventWorker``: every third-party module that the
+    gunicorn worker modules we subclass (and gunicorn's ``base`` and
+    ``gthread`` workers) import at module level belongs to gunicorn, gevent,
+    greenlet or a distribution that extra requires. gunicorn 27's ``ggevent``
+    imports ``packaging``, which gunicorn lists only under its own ``gevent``
+    extra (whose gevent >= 24.10.1 we cannot require)."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    ours = (ROOT / "asl_gevent" / "gunicorn.py").read_text()
+    start = [name for name in _module_level_imports(ours, "asl_gevent.gunicorn", False)
+             if name.startswith("gunicorn.")]
+    assert "gunicorn.workers.ggevent" in start
+    start += ["gunicorn.workers.base", "gunicorn.workers.gthread"]
+    imported = _gunicorn_third_party_imports(start)
+    assert "gevent" in imported  # the walk reached ggevent's imports
+
+    required = set(_gunicorn_extra_requirements(dists["wheel"]))
+    assert {"gunicorn", "gevent", "greenlet"} <= required
+    module_to_dists = packages_distributions()
+    missing = {}
+    for module, importers in sorted(imported.items()):
+        owners = {canonicalize_name(d) for d in module_to_dists.get(module, [])}
+        assert owners, f"{module} (imported by {importers}) is not installed here"
+        if not owners & required:
+            missing[module] = (sorted(owners), sorted(set(importers)))
+    assert missing == {}, f"the gunicorn extra misses these: {missing}"
+
+
+def test_the_version_is_the_changelogs_newest_release(dists: Dict[str, Path]) -> None:
+    """``__version__`` (and so the wheel's) is a pre-release of the newest
+    CHANGELOG section, the one whose pages say ``versionadded:: 0.3``."""
+    import re
+
+    from packaging.version import Version
+
+    import asl_gevent
+
+    newest = re.search(r"^## (\d+\.\d+\.\d+) ", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert newest is not None
+    assert asl_gevent.__version__ == f"{newest.group(1)}.dev0" == "0.3.0.dev0"
+    assert Version(asl_gevent.__version__).base_version == newest.group(1)
+    assert dists["wheel"].name == f"asl_gevent-{asl_gevent.__version__}-py3-none-any.whl"

@@ -171,3 +171,39 @@ def test_facts_tests_rely_on_are_in_the_docs() -> None:
                  "GeventPyWSGIWorker", "TCP_NODELAY", "writes to **stderr**",
                  "post_worker_init", "--preload"]:
         assert fact in docs, fact
+
+
+def _setup_cfg_extras() -> dict:
+    """``extra -> [project name, ...]`` from setup.cfg's extras_require."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return {extra: [re.match(r"[A-Za-z0-9_.-]+", line.strip()).group(0)  # type: ignore[union-attr]
+                    for line in lines.splitlines() if line.strip()]
+            for extra, lines in cfg["options.extras_require"].items()}
+
+
+def _readme_extras() -> dict:
+    """``extra -> installs cell`` of the README's extras table."""
+    return {m[1]: m[2] for m in re.finditer(r"^\| `([\w-]+)` \| ([^|]*) \|",
+                                            README.read_text(), re.M)}
+
+
+def _install_page_extras() -> dict:
+    """``extra -> installs cell`` of the extras list-table in docs/howto/install.rst."""
+    text = (ROOT / "docs" / "howto" / "install.rst").read_text()
+    return {m[1]: m[2] for m in re.finditer(r"^   \* - ``([\w-]+)``\n     - (.*)\n", text, re.M)}
+
+
+@pytest.mark.parametrize("where", ["README.md", "docs/howto/install.rst"])
+def test_the_extras_tables_list_every_extra_of_setup_cfg(where: str) -> None:
+    """Both extras tables name exactly setup.cfg's extras, and what each
+    installs (every project it lists; ``test``'s is a summary)."""
+    extras = _setup_cfg_extras()
+    assert {"gunicorn", "http", "celery", "django", "docs", "test"} <= set(extras)
+    table = _readme_extras() if where == "README.md" else _install_page_extras()
+    assert sorted(table) == sorted(extras)
+    missing = {extra: [name for name in names if name.lower() not in table[extra].lower()]
+               for extra, names in extras.items() if extra != "test"}
+    assert {extra: names for extra, names in missing.items() if names} == {}
