@@ -42,7 +42,9 @@ def test_min_versions_are_setup_cfg_lower_bounds() -> None:
         if line:
             name, version = line.split("==")
             pins[name.strip().lower()] = version.strip()
-    bounds = lower_bounds()
+    # packaging is in the gunicorn extra only because gunicorn 27's gevent
+    # worker imports it; the min environment takes whatever sphinx needs.
+    bounds = {k: v for k, v in lower_bounds().items() if k != "packaging"}
     assert set(bounds) == {"gevent", "greenlet", "gunicorn"}
     # Compared as versions: "23.0" and "23.0.0" are the same release.
     assert {k: Version(v) for k, v in pins.items()} == {k: Version(v) for k, v in bounds.items()}
