@@ -263,13 +263,13 @@ def _payload() -> Optional[str]:
     if store is not None and store is not source.default:
         request_id = _id_of(store)
         if request_id is None or _ID_RE.fullmatch(request_id) is None:
-            _warn_once("request", "not sending the request store to Celery tasks: its "
+            _warn_once("\0request:invalid", "not sending the request store to Celery tasks: its "
                        "request_id %.80r is not a valid X-Request-ID, so workers would "
                        "drop it; warned once", request_id)
         else:
             text, why = encode_store(store, limit)
             if text is None:
-                _warn_once("request", "sending only the request id of the request store "
+                _warn_once("\0request:unencodable", "sending only the request id of the request store "
                            "to Celery tasks: %s; warned once", why)
                 text = json.dumps({"request_id": request_id})
             request_text = text

@@ -121,6 +121,14 @@ def test_a_hostile_header_never_crashes_hangs_or_loses_a_task(
     assert "Unrecoverable error" not in output and "Traceback" not in output, output[-3000:]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warnings() -> Iterator[None]:
+    """Each test sees its own first warnings: "warned once" is per process,
+    and an earlier test in the session may have used up a cause."""
+    asl_gevent.celery._warned.clear()
+    yield
+
+
 # -- 2. publishing ---------------------------------------------------------------
 
 class _Unserialisable:
