@@ -205,7 +205,8 @@ class AsyncLocalStorage(Generic[T]):
         super().__init_subclass__(**kwargs)
         # A subclass that overrides get_store but not getStore: Node's name
         # calls the override, as the base's getStore did in 0.2.
-        if cls.get_store is not _GET_STORE_SLOT and cls.getStore is _GET_STORE_ALIAS_SLOT:
+        slots = __class__.__dict__  # type: ignore[name-defined]
+        if cls.get_store is not slots["get_store"] and cls.getStore is slots["getStore"]:
             cls.getStore = _call_get_store  # type: ignore[assignment]
 
     def _new_var(self) -> None:
@@ -222,8 +223,12 @@ class AsyncLocalStorage(Generic[T]):
         )
         self._var = var
         get = var.get
-        _GET_STORE_SLOT.__set__(self, get)
-        _GET_STORE_ALIAS_SLOT.__set__(self, get)
+        # ``__class__`` (this class, by closure), not a module global: after
+        # importlib.reload, storages made before it are of the old class,
+        # whose slots the new class's descriptors refuse.
+        slots = __class__.__dict__  # type: ignore[name-defined]
+        slots["get_store"].__set__(self, get)
+        slots["getStore"].__set__(self, get)
 
     @property
     def name(self) -> str:
@@ -310,11 +315,6 @@ class AsyncLocalStorage(Generic[T]):
     # -- camelCase aliases for code ported from Node -----------------------------
 
     enterWith = enter_with  # noqa: N815 - Node's name
-
-
-# The slots _new_var() fills (data descriptors on the class).
-_GET_STORE_SLOT: Any = AsyncLocalStorage.__dict__["get_store"]
-_GET_STORE_ALIAS_SLOT: Any = AsyncLocalStorage.__dict__["getStore"]
 
 
 def _call_get_store(self: AsyncLocalStorage[T]) -> Optional[T]:
