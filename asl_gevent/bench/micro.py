@@ -211,7 +211,7 @@ def _spawn_wait() -> Case:
                 *_hooks_pair("r = AsyncResult(); run_callback(r.set, 1); wait([r])",
                              {"AsyncResult": AsyncResult, "wait": gevent.wait,
                               "run_callback": gevent.get_hub().loop.run_callback}),
-                1, Target("<=", 1.05))
+                1, None, Target("<=", 1.05))
 
 
 def _spawn_executor() -> Case:
