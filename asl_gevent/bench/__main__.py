@@ -54,8 +54,8 @@ def _options(args: argparse.Namespace) -> Options:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m asl_gevent.bench",
-        description="Measure asl_gevent against its performance targets (README, "
-                    "Performance); print one table of "
+        description="Measure asl_gevent against its performance targets "
+                    "(docs/performance.rst); print one table of "
                     "ratios (subject / baseline, alternated in one run).")
     parser.add_argument("--quick", action="store_true",
                         help="small counts: the whole run in well under a minute")
@@ -108,14 +108,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def wanted(name: str) -> bool:
         return only is None or any(name == o or name.startswith(o + "/") for o in only)
 
+    if args.callgrind and not instructions.available():
+        parser.error("--callgrind needs valgrind on PATH (Debian: apt-get install valgrind)")
     opts = _options(args)
     print("\n".join(machine()))
     print(f"mode: {'quick' if opts.quick else 'full'}; {opts.repeat} pairs per "
           f"microbenchmark, {opts.rounds} load rounds per server; ratios are "
           "subject / baseline; instructions: "
           f"{'callgrind' if opts.callgrind else 'not counted'}")
-    if args.callgrind and not instructions.available():
-        parser.error("--callgrind needs valgrind on PATH (Debian: apt-get install valgrind)")
     sys.stdout.flush()
     rows: List[Row] = []
     failures: List[str] = []
