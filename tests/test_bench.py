@@ -19,11 +19,12 @@ from typing import Any, Dict, List
 
 import pytest
 
+from asl_gevent.bench import instructions
 from asl_gevent.bench.__main__ import NAMES
 from helpers import ROOT
 
 MARKS = {"PASS", "pass*", "MISS", "-"}
-TARGET_RE = re.compile(r"^(<=|>=|==) \d+\.\d\d$")
+TARGET_RE = re.compile(r"^(<=|>=|==) \d+\.\d\d( \(wall (<=|>=|==) \d+\.\d\d\))?$")
 
 
 def bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -40,8 +41,8 @@ def table_rows(stdout: str) -> Dict[str, List[str]]:
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
     assert len(lines) >= 2, stdout
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header == ["figure", "subject vs baseline", "baseline", "subject", "min",
-                      "median", "target", "mark"], stdout
+    assert header == ["figure", "subject vs baseline", "baseline", "subject",
+                      "instructions/op", "instr", "min", "median", "target", "mark"], stdout
     assert set(lines[1]) <= {"|", "-"}, stdout
     rows: Dict[str, List[str]] = {}
     for line in lines[2:]:
@@ -65,8 +66,10 @@ def test_quick_run_prints_every_figure_with_numeric_ratios(
     assert quick.returncode == 0, quick.stdout + quick.stderr
     rows = table_rows(quick.stdout)
     assert list(rows) == NAMES
-    for name, (_, what, base, subj, ratio_min, ratio_median, target, mark) in rows.items():
+    for name, (_, what, base, subj, counted, instr, ratio_min, ratio_median, target,
+               mark) in rows.items():
         assert what and base and subj, name
+        assert (counted, instr) == ("-", "-"), name  # --quick counts no instructions
         assert math.isfinite(float(ratio_min)), (name, ratio_min)
         assert math.isfinite(float(ratio_median)), (name, ratio_median)
         assert target == "-" or TARGET_RE.match(target), (name, target)
@@ -104,6 +107,19 @@ def test_only_takes_a_group_and_repeat() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert list(table_rows(proc.stdout)) == [n for n in NAMES if n.startswith("get_store/")]
     assert "2 pairs per microbenchmark" in proc.stdout
+
+
+@pytest.mark.skipif(not instructions.available(), reason="valgrind is not installed")
+def test_callgrind_adds_instruction_counts_to_a_micro_row() -> None:
+    """--callgrind fills the instruction columns of a micro row: instructions
+    per operation of each side and their ratio, which the mark is judged on."""
+    proc = bench("--quick", "--callgrind", "--only", "run/token_wrapper", timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cells = table_rows(proc.stdout)["run/token_wrapper"]
+    base, subj = (float(x.replace(",", "")) for x in cells[4].split(" -> "))
+    assert 0 < base < subj
+    assert float(cells[5]) == pytest.approx(subj / base, abs=0.001)
+    assert "instructions: callgrind" in proc.stdout
 
 
 def test_list_prints_every_figure_name() -> None:

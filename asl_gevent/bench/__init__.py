@@ -1,6 +1,7 @@
 """Measure the performance targets: ``python -m asl_gevent.bench``.
 
-The targets are listed in the README (Performance).
+The targets, and the figures measured, are on the docs' performance page
+(``docs/performance.rst``).
 
 Prints one table. Every figure is a *ratio* of a subject to a baseline
 measured in the same run, the two alternated sample by sample (A B, B A, ...)
@@ -27,6 +28,11 @@ measured at all (a server that would not start, say). Options:
     is a single run).
 ``--greenlets N``
     greenlets for the memory figure (1,000,000; ``--quick``: 20,000).
+``--callgrind`` / ``--no-callgrind``
+    count (or not) every micro row's instructions per operation with
+    valgrind's callgrind (:mod:`.instructions`), shown next to the wall
+    ratios; the micro rows' targets are judged on them. Default: counted in
+    a full run when ``valgrind`` is on ``PATH``, not in a ``--quick`` one.
 ``--list``
     print the figure names.
 
@@ -45,13 +51,17 @@ Python heap blocks (:func:`sys.getallocatedblocks`) before and after, and how
 many stores are still alive after :func:`gc.collect` (by weak reference).
 
 Modules: :mod:`._core` (paired sampling, rows, the table, process helpers),
-:mod:`.micro` (``get_store``, spawn, ``run``), :mod:`.servers` (WSGI servers
+:mod:`.micro` (``get_store``, spawn, ``run``), :mod:`.instructions` (their
+instruction counts under callgrind), :mod:`.servers` (WSGI servers
 under load), :mod:`.memory` (a million greenlets), :mod:`.__main__` (the
 figure list and the command line).
 
 .. versionadded:: 0.1
 .. versionchanged:: 0.2
    A subpackage, one module per family of figures.
+.. versionchanged:: 0.3
+   Instruction counts (callgrind) next to the wall ratios of every micro
+   row; rows ``spawn/deep``, ``spawn/floor``, ``spawn/joinall_100``.
 """
 
 __all__: list[str] = []

@@ -1,0 +1,130 @@
+"""The performance targets, asserted on instruction counts (issue 17).
+
+Wall-clock ratios swing by 10% on a shared machine, so the benchmark's own
+test (test_bench.py) checks only the shape of its table. Instruction counts
+from callgrind repeat to 0.1%, so these tests hold the code to SPEC's
+targets and a regression cannot land: each runs one row of
+``python -m asl_gevent.bench`` through :func:`asl_gevent.bench.instructions.measure`
+(both sides in child processes under valgrind, at two loop counts).
+
+They need valgrind: skipped without it, except in CI (``CI`` set), where
+``.ci/run`` installs it and a missing valgrind is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from typing import Tuple
+
+import pytest
+
+from asl_gevent.bench import instructions
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+if not instructions.available():
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must have valgrind for tests/test_instructions.py "
+                           "(.ci/run installs Debian's)")
+    pytest.skip("valgrind is not installed", allow_module_level=True)
+
+_measured: dict[str, Tuple[float, float]] = {}
+
+
+def ratio(name: str) -> float:
+    """Instructions per operation, subject / baseline, of bench row *name*."""
+    if name not in _measured:
+        _measured[name] = instructions.measure(name)
+    base, subj = _measured[name]
+    return subj / base
+
+
+#: CPython 3.11 specialises the lookup before a call (LOAD_METHOD) only for a
+#: method found on the class; a pure-Python storage reads at about 1.7x
+#: there. A known miss (docs/performance.rst), strict: fixing it shows up.
+MISSED_ON_311 = pytest.mark.xfail(
+    sys.version_info[:2] == (3, 11), strict=True,
+    reason="CPython 3.11 cannot specialise a slot read before a call: "
+           "get_store is 1.71x ContextVar.get there (docs/performance.rst)")
+
+
+@MISSED_ON_311
+def test_get_store_within_1_2x_contextvar_get() -> None:
+    """``als.get_store()`` costs at most 1.2x a raw ``ContextVar.get()``."""
+    assert ratio("get_store/contextvar") <= 1.2
+
+
+@MISSED_ON_311
+def test_get_store_in_a_crowded_context() -> None:
+    """The same with 100 storages and 100 other variables set: a lookup in a
+    bigger context costs both sides alike."""
+    assert ratio("get_store/storages_100") <= 1.2
+
+
+def test_spawn_join_within_1_10x() -> None:
+    """``gevent.spawn(f).join()`` with the hooks costs at most 1.10x without,
+    from a shallow stack."""
+    assert ratio("spawn/gevent") <= 1.10
+
+
+def test_pool_spawn_and_joinall_within_0_03_of_spawn() -> None:
+    """``Pool.spawn+join`` and ``joinall`` of 100 stay within 0.03 of spawn+join."""
+    spawn = ratio("spawn/gevent")
+    assert ratio("spawn/pool") <= spawn + 0.03
+    assert ratio("spawn/joinall_100") <= spawn + 0.03
+
+
+def test_asyncresult_costs_nothing() -> None:
+    """gevent's own waits never reach a hook: AsyncResult set + get is unchanged
+    (within the spawn rows' ~1% noise: the hub loop polls)."""
+    assert ratio("spawn/asyncresult") <= 1.02
+
+
+def test_run_within_2x_token_wrapper() -> None:
+    """``als.run(store, f)`` costs at most 2x a hand-written token set/reset."""
+    assert ratio("run/token_wrapper") <= 2.0
+
+
+def test_hand_written_floor_is_below_the_hooks() -> None:
+    """The floor is what a careful user writes by hand,
+    ``spawn(copy_context().run, f)``: it costs something, and the hooks'
+    extra cost over it is what the docs quote."""
+    floor = ratio("spawn/floor")
+    assert 1.0 < floor < ratio("spawn/gevent")
+
+
+# -- the other helpers' targets, run here so CI shows them ---------------------------
+
+
+def test_gunicorn_request_cost_at_least_0_97_of_stock() -> None:
+    """``tools/request_cost.py stock asl``: gunicorn's gevent worker with our
+    worker class + middleware (echoed header on) costs at most 1/0.97 the
+    stock worker's instructions per request (SPEC)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "request_cost.py"),
+                           "stock", "asl"], capture_output=True, text=True, timeout=1800,
+                          cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = re.search(r"^asl\s.*ratio (\d+\.\d+)$", proc.stdout, re.M)
+    assert match, proc.stdout
+    assert float(match.group(1)) >= 0.97, proc.stdout
+
+
+def test_requests_get_with_http_within_1_02x() -> None:
+    """``requests.get`` to a local server with ``asl_gevent.http`` on costs at
+    most 1.02x off (the bench's http/requests_get row, wall clock: the best
+    samples' ratio)."""
+    pytest.importorskip("requests")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-m", "asl_gevent.bench", "--only",
+                           "http/requests_get", "--repeat", "10", "--no-callgrind"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| http/requests_get")]
+    assert row, proc.stdout
+    cells = [cell.strip() for cell in row[0].strip("|").split("|")]
+    assert float(cells[6]) <= 1.02, proc.stdout
