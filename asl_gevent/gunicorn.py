@@ -63,13 +63,16 @@ gunicorn stays an optional dependency (``pip install asl_gevent[gunicorn]``).
 
 from __future__ import annotations
 
-from contextvars import copy_context
+from contextvars import ContextVar, copy_context
 from typing import Any, Callable, Optional
 
 from gunicorn.workers import ggevent
 
 from ._hooks import install
 from ._watch import LeakWatch, _Request, leak_watch_delay, request_marker
+from .wsgi import _FRESH_CONTEXT
+
+_set_var = ContextVar.set
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
 
@@ -106,6 +109,7 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
 
     def _in_request_context(self, handle: Callable[..., Any], *args: Any) -> Any:
         context = copy_context()
+        context.run(_set_var, _FRESH_CONTEXT, True)
         watch = self._leak_watch
         if watch is None:
             return context.run(handle, *args)
@@ -120,9 +124,17 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
 
         ``Context.run`` rather than a token reset: the copy is simply dropped
         afterwards, whatever the app set and however it ended (gevent#1930).
+        A :class:`~asl_gevent.wsgi.RequestContextMiddleware` serving the
+        request uses this copy instead of making a second one.
+
+        .. versionchanged:: 0.3 the middleware reuses the worker's copy.
         """
         if self._leak_watch is None:  # the usual case: no extra frame per request
-            return copy_context().run(super().handle_request, listener_name, req, sock, addr)
+            context = copy_context()
+            # Tells asl_gevent.wsgi.RequestContextMiddleware that this copy is
+            # the request's own, so it need not make (and step into) another.
+            context.run(_set_var, _FRESH_CONTEXT, True)
+            return context.run(super().handle_request, listener_name, req, sock, addr)
         return self._in_request_context(super().handle_request, listener_name, req, sock, addr)
 
     def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any,
