@@ -63,7 +63,7 @@ gunicorn stays an optional dependency (``pip install asl_gevent[gunicorn]``).
 
 from __future__ import annotations
 
-from contextvars import ContextVar, copy_context
+from contextvars import copy_context
 from typing import Any, Callable, Optional
 
 from gunicorn.workers import ggevent
@@ -71,8 +71,6 @@ from gunicorn.workers import ggevent
 from ._hooks import install
 from ._watch import LeakWatch, _Request, leak_watch_delay, request_marker
 from .wsgi import _FRESH_CONTEXT
-
-_set_var = ContextVar.set
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
 
@@ -107,9 +105,21 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         delay = leak_watch_delay(self.leak_watch, f"{type(self).__name__}.leak_watch")
         self._leak_watch = LeakWatch(delay) if delay is not None else None
 
+    def handle(self, listener: Any, client: Any, addr: Any) -> Any:
+        """Serve one connection (gunicorn's loop), marked for the middleware.
+
+        The mark, set once per connection in the connection greenlet's own
+        context, tells :class:`~asl_gevent.wsgi.RequestContextMiddleware`
+        that each request there runs in a fresh copy made by this worker, so
+        it need not make a second one.
+
+        .. versionadded:: 0.3
+        """
+        _FRESH_CONTEXT.set(True)
+        return super().handle(listener, client, addr)
+
     def _in_request_context(self, handle: Callable[..., Any], *args: Any) -> Any:
         context = copy_context()
-        context.run(_set_var, _FRESH_CONTEXT, True)
         watch = self._leak_watch
         if watch is None:
             return context.run(handle, *args)
@@ -130,11 +140,7 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         .. versionchanged:: 0.3 the middleware reuses the worker's copy.
         """
         if self._leak_watch is None:  # the usual case: no extra frame per request
-            context = copy_context()
-            # Tells asl_gevent.wsgi.RequestContextMiddleware that this copy is
-            # the request's own, so it need not make (and step into) another.
-            context.run(_set_var, _FRESH_CONTEXT, True)
-            return context.run(super().handle_request, listener_name, req, sock, addr)
+            return copy_context().run(super().handle_request, listener_name, req, sock, addr)
         return self._in_request_context(super().handle_request, listener_name, req, sock, addr)
 
     def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any,

@@ -72,17 +72,19 @@ _HEADER_NAME_RE = _ids.HEADER_NAME_RE
 _id_of = _ids.id_of
 _new_id = _ids.generate
 
-# Set, in the per-request copy of the context that
-# asl_gevent.gunicorn.GeventWorker makes (and nowhere else), to True; the
-# first middleware that sees it sets it back to False and then serves the
-# request in that context directly: the worker already gives every request a
-# fresh copy, runs the app, consumes the response and calls close() in it, so
-# a second copy, a Context.run per step and a wrapped response would buy
-# nothing (callgrind, CPython 3.11, gunicorn 27: ~8k instructions per request).
-# Consumed, so a middleware nested inside another, or called from a greenlet
-# the request spawned, still runs in its own copy.
+# Set to True by asl_gevent.gunicorn.GeventWorker in each connection's
+# greenlet (once per connection: a ContextVar.set costs ~1k instructions).
+# The worker runs every request in a fresh copy of that context, and runs the
+# app, consumes the response and calls close() in it; so a middleware that
+# sees the mark AND finds its storage still unset is the first to serve this
+# request, and sets its store right there instead of making (and stepping
+# into) a second copy. A middleware nested in another with the same storage,
+# or called from a greenlet the request spawned, finds the store set and makes
+# its own copy as before.
 _FRESH_CONTEXT: ContextVar[bool] = ContextVar("asl_gevent.wsgi.fresh_context", default=False)
+_UNSET = object()
 _set_var = ContextVar.set
+_id_match = _ids.ID_RE.fullmatch
 
 # Set in a request's context only by a middleware with a non-default storage
 # or header (the default costs nothing), so that asl_gevent.http sends the id
@@ -304,6 +306,8 @@ class RequestContextMiddleware:
         # A subclass that overrides enter_with is honoured; otherwise the
         # store is set with ContextVar.set directly (one Python frame less).
         self._plain_storage = type(storage).enter_with is AsyncLocalStorage.enter_with
+        self._simple = (self._plain_storage and not self._policy and store_factory is None
+                        and self._watch is None and not self._incoming_baggage)
 
     def __repr__(self) -> str:
         return (f"<RequestContextMiddleware app={self.app!r} "
@@ -365,12 +369,36 @@ class RequestContextMiddleware:
 
     def __call__(self, environ: Dict[str, Any],
                  start_response: StartResponse) -> Iterable[bytes]:
+        if self._simple:
+            # The default configuration, inlined: every Python frame saved
+            # here is ~500 instructions per request (callgrind, CPython 3.11).
+            request_id = environ.get(self._environ_key)
+            if type(request_id) is str:
+                request_id = request_id.strip(" \t")
+                if _id_match(request_id) is None:
+                    request_id = _new_id()
+            else:
+                request_id = _new_id()
+            environ[ENVIRON_KEY] = request_id
+            if self.echo_header:
+                start_response = partial(_echoing_start_response, start_response,
+                                         self.header, self._header_lower, request_id)
+            var = self.storage._var
+            if _FRESH_CONTEXT.get() and var.get(_UNSET) is _UNSET:
+                # Under asl_gevent.gunicorn.GeventWorker, no store set yet:
+                # this context is the request's own copy, and the worker
+                # consumes and closes the response inside it.
+                _set_var(var, {"request_id": request_id})
+                if self._outgoing is not None:
+                    _OUTGOING.set(self._outgoing)
+                return self.app(environ, start_response)
+            context = copy_context()
+            context.run(_set_var, var, {"request_id": request_id})
+            if self._outgoing is not None:
+                context.run(_OUTGOING.set, self._outgoing)
+            return self._respond(context, environ, start_response)
         if self._watch is None:
-            if _FRESH_CONTEXT.get():
-                # Under asl_gevent.gunicorn.GeventWorker: this context is
-                # already the request's own copy, and the worker consumes and
-                # closes the response inside it.
-                _FRESH_CONTEXT.set(False)
+            if _FRESH_CONTEXT.get() and self.storage._var.get(_UNSET) is _UNSET:
                 return self._serve_in_place(environ, start_response)
             return self._serve(environ, start_response)
         return self._watch.call(  # type: ignore[no-any-return]
@@ -388,6 +416,11 @@ class RequestContextMiddleware:
             # no cells per request (callgrind: ~1,900 instructions less).
             start_response = partial(_echoing_start_response, start_response,
                                      self.header, self._header_lower, request_id)
+        return self._respond(context, environ, start_response)
+
+    def _respond(self, context: Context, environ: Dict[str, Any],
+                 start_response: StartResponse) -> Iterable[bytes]:
+        """Call the app in *context*; wrap its response to step and close there."""
         file_wrapper = environ.get("wsgi.file_wrapper")
         wrapped: Optional[List[Any]] = None
         if file_wrapper is not None and not isinstance(file_wrapper, type):
