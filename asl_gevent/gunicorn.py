@@ -66,11 +66,15 @@ from __future__ import annotations
 from contextvars import copy_context
 from typing import Any, Callable, Optional
 
+from gunicorn.http import wsgi as gunicorn_http_wsgi
 from gunicorn.workers import ggevent
 
 from ._hooks import install
 from ._watch import LeakWatch, _Request, leak_watch_delay, request_marker
+from . import wsgi as _wsgi
 from .wsgi import _FRESH_CONTEXT
+
+_wsgi._GUNICORN_RESPONSE[0] = gunicorn_http_wsgi.Response
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
 

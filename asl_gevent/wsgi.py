@@ -83,6 +83,15 @@ _new_id = _ids.generate
 # its own copy as before.
 _FRESH_CONTEXT: ContextVar[bool] = ContextVar("asl_gevent.wsgi.fresh_context", default=False)
 _UNSET = object()
+
+# gunicorn's Response class, filled in by asl_gevent.gunicorn (this module
+# never imports gunicorn). Under GeventWorker the echoed header is added to
+# that response's header list once the app has called start_response, instead
+# of wrapping start_response: gunicorn charges ~10.5k instructions per
+# request for one more header passed through start_response (its checks and
+# bookkeeping; tools/request_cost.py "stock+header"), and our wrapper ~4k
+# more. Our id needs none of those checks: it is 1-128 safe characters.
+_GUNICORN_RESPONSE: List[Optional[type]] = [None]
 _set_var = ContextVar.set
 _id_match = _ids.ID_RE.fullmatch
 
@@ -380,9 +389,6 @@ class RequestContextMiddleware:
             else:
                 request_id = _new_id()
             environ[ENVIRON_KEY] = request_id
-            if self.echo_header:
-                start_response = partial(_echoing_start_response, start_response,
-                                         self.header, self._header_lower, request_id)
             var = self.storage._var
             if _FRESH_CONTEXT.get() and var.get(_UNSET) is _UNSET:
                 # Under asl_gevent.gunicorn.GeventWorker, no store set yet:
@@ -391,7 +397,17 @@ class RequestContextMiddleware:
                 _set_var(var, {"request_id": request_id})
                 if self._outgoing is not None:
                     _OUTGOING.set(self._outgoing)
+                if self.echo_header:
+                    response = getattr(start_response, "__self__", None)
+                    if type(response) is _GUNICORN_RESPONSE[0]:
+                        return _echo_into(response, self.header, self._header_lower,  # type: ignore[no-any-return]
+                                          request_id, self.app(environ, start_response))
+                    start_response = partial(_echoing_start_response, start_response,
+                                             self.header, self._header_lower, request_id)
                 return self.app(environ, start_response)
+            if self.echo_header:
+                start_response = partial(_echoing_start_response, start_response,
+                                         self.header, self._header_lower, request_id)
             context = copy_context()
             context.run(_set_var, var, {"request_id": request_id})
             if self._outgoing is not None:
@@ -505,6 +521,60 @@ class RequestContextMiddleware:
                                      self.header, self._header_lower, request_id)
         return self.app(environ, start_response)
 
+
+
+def _echo_into(response: Any, name: str, lower: str, request_id: str, result: Any) -> Any:
+    """Add ``(name, request_id)`` to gunicorn *response*'s headers once the app
+    has called ``start_response``, unless the app set that header itself.
+
+    An app that calls ``start_response`` lazily (a generator) has not called
+    it yet: its response is wrapped so the header is added after the first
+    step, before gunicorn writes (and so sends) anything.
+    """
+    if response.status is not None:
+        if not response.headers_sent:
+            for key, _ in response.headers:
+                if key.lower() == lower:
+                    break
+            else:
+                response.headers.append((name, request_id))
+        return result
+    if not hasattr(type(result), "__iter__") or type(result) is list or type(result) is tuple:
+        return result  # ALREADY_HANDLED, or a body with no start_response: nothing to add
+    return _EchoAfterFirstStep(result, response, name, lower, request_id)
+
+
+class _EchoAfterFirstStep:
+    """A lazy app's response: the echo is added after its first step."""
+
+    __slots__ = ("_result", "_iterator", "_echo")
+
+    def __init__(self, result: Iterable[bytes], response: Any, name: str, lower: str,
+                 request_id: str) -> None:
+        self._result = result
+        self._iterator: Optional[Iterator[bytes]] = None
+        self._echo: Optional[Tuple[Any, str, str, str]] = (response, name, lower, request_id)
+
+    def __iter__(self) -> "_EchoAfterFirstStep":
+        return self
+
+    def __next__(self) -> bytes:
+        if self._iterator is None:
+            self._iterator = iter(self._result)
+        echo = self._echo
+        if echo is None:
+            return next(self._iterator)
+        self._echo = None
+        try:
+            return next(self._iterator)
+        finally:
+            response, name, lower, request_id = echo
+            _echo_into(response, name, lower, request_id, None)
+
+    def close(self) -> None:
+        close = getattr(self._result, "close", None)
+        if close is not None:
+            close()
 
 
 def _echoing_start_response(start_response: StartResponse, name: str, lower: str,
