@@ -75,6 +75,7 @@ from . import wsgi as _wsgi
 from .wsgi import _FRESH_CONTEXT
 
 _wsgi._GUNICORN_RESPONSE[0] = gunicorn_http_wsgi.Response
+_base_handle_request = ggevent.GeventWorker.handle_request
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
 
@@ -144,7 +145,9 @@ class GeventWorker(ggevent.GeventWorker):  # type: ignore[misc]  # gunicorn is u
         .. versionchanged:: 0.3 the middleware reuses the worker's copy.
         """
         if self._leak_watch is None:  # the usual case: no extra frame per request
-            return copy_context().run(super().handle_request, listener_name, req, sock, addr)
+            # gunicorn's method called directly, not through super(): no
+            # super object and bound method per request (~500 instructions).
+            return copy_context().run(_base_handle_request, self, listener_name, req, sock, addr)
         return self._in_request_context(super().handle_request, listener_name, req, sock, addr)
 
     def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any,

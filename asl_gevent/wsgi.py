@@ -23,12 +23,18 @@ b'req-42'
 >>> print(get_request_id())
 None
 
+Which incoming ids are adopted is a policy the application can set
+(``validator=``, ``generator=``, ``trust=``); an id from a client that is not
+trusted is kept aside as ``client_request_id``, never used as the request's
+id. The ``baggage`` header is client input: see ``docs/security/incoming.rst``.
+
 Every step enters the request's context with :meth:`contextvars.Context.run`
 (never a ``token``/``reset`` pair, gevent#1930), so the middleware is correct
 under any server, hooks or not: on a keep-alive connection request 2 never
 sees what request 1 set, even with ``enter_with`` or after it raised.
 
 .. versionadded:: 0.1
+.. versionchanged:: 0.3 the id policy; checked, bounded baggage.
 """
 
 from __future__ import annotations
@@ -91,7 +97,7 @@ _UNSET = object()
 # request for one more header passed through start_response (its checks and
 # bookkeeping; tools/request_cost.py "stock+header"), and our wrapper ~4k
 # more. Our id needs none of those checks: it is 1-128 safe characters.
-_GUNICORN_RESPONSE: List[Optional[type]] = [None]
+_GUNICORN_RESPONSE: List[Any] = [None]
 _set_var = ContextVar.set
 _id_match = _ids.ID_RE.fullmatch
 
@@ -382,11 +388,7 @@ class RequestContextMiddleware:
             # The default configuration, inlined: every Python frame saved
             # here is ~500 instructions per request (callgrind, CPython 3.11).
             request_id = environ.get(self._environ_key)
-            if type(request_id) is str:
-                request_id = request_id.strip(" \t")
-                if _id_match(request_id) is None:
-                    request_id = _new_id()
-            else:
+            if type(request_id) is not str or _id_match(request_id := request_id.strip(" \t")) is None:
                 request_id = _new_id()
             environ[ENVIRON_KEY] = request_id
             var = self.storage._var
@@ -398,10 +400,19 @@ class RequestContextMiddleware:
                 if self._outgoing is not None:
                     _OUTGOING.set(self._outgoing)
                 if self.echo_header:
-                    response = getattr(start_response, "__self__", None)
+                    response: Any = getattr(start_response, "__self__", None)
                     if type(response) is _GUNICORN_RESPONSE[0]:
+                        result = self.app(environ, start_response)
+                        if response.status is not None and not response.headers_sent:
+                            # The usual case, inlined: the app called start_response.
+                            lower = self._header_lower
+                            for key, _ in response.headers:
+                                if key.lower() == lower:
+                                    return result
+                            response.headers.append((self.header, request_id))
+                            return result
                         return _echo_into(response, self.header, self._header_lower,  # type: ignore[no-any-return]
-                                          request_id, self.app(environ, start_response))
+                                          request_id, result)
                     start_response = partial(_echoing_start_response, start_response,
                                              self.header, self._header_lower, request_id)
                 return self.app(environ, start_response)
