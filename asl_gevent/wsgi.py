@@ -50,7 +50,7 @@ from ._storage import AsyncLocalStorage
 from ._watch import LeakWatch, leak_watch_delay
 
 __all__ = ["RequestContextMiddleware", "request_storage", "get_request_id", "request_id_from",
-           "ENVIRON_KEY"]
+           "ENVIRON_KEY", "CLIENT_ENVIRON_KEY"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ ENVIRON_KEY = "asl_gevent.request_id"
 
 #: The WSGI environ key under which :class:`RequestContextMiddleware` leaves
 #: an id the client sent but that was not adopted (untrusted client, or
-#: refused by the validator), so access logs can show it.
+#: refused by the validator), so access logs can show it. (0.3)
 CLIENT_ENVIRON_KEY = "asl_gevent.client_request_id"
 
 # The id rules live in _ids.py; kept here under their 0.2 names because
@@ -132,6 +132,10 @@ def request_id_from(environ: Mapping[str, Any], header: str = "X-Request-ID") ->
 
         RequestContextMiddleware(app, store_factory=lambda environ: {
             "request_id": request_id_from(environ), "user": environ.get("REMOTE_USER")})
+
+    This function applies 0.2's rules only (every client trusted); a
+    middleware's own policy (``validator=``, ``generator=``, ``trust=``) is
+    applied by :meth:`RequestContextMiddleware.request_id_from`.
 
     :raises TypeError: if *header* is not a str.
     """
