@@ -26,7 +26,8 @@ import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 from urllib.parse import quote, unquote
 
-__all__ = ["MAX_MEMBERS", "MAX_BYTES", "members_of", "encode_members", "decode", "store_from"]
+__all__ = ["MAX_MEMBERS", "MAX_BYTES", "members_of", "encode_members", "decode", "store_from",
+           "store_for"]
 
 #: W3C Baggage, "Limits": at most 180 list-members ...
 MAX_MEMBERS = 180
@@ -76,33 +77,78 @@ def encode_members(members: Iterable[Tuple[str, str]]) -> Tuple[str, int]:
     return ",".join(parts), dropped
 
 
+# W3C baggage-octet: what a raw (still percent-encoded) value may hold.
+# Anything else -- a space inside, a raw control character, a raw byte past
+# 0x7E -- makes the member malformed, and it is dropped.
+_VALUE_RE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
+# What a restored value may not hold once percent-decoded: C0 controls (CR,
+# LF, NUL, ESC ...), DEL, C1 controls (NEL ...) and the Unicode line and
+# paragraph separators, any of which lets a client start a new, forged line in
+# a log or a terminal (issue 14: "tenant.plan=gold%0AINFO [admin] ...").
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def decode(header: str) -> Dict[str, str]:
     """Parse a ``baggage`` header value into ``{key: value}``.
 
-    Members with a malformed key or value are skipped; properties (after
-    ``;``) are ignored; parsing stops at the spec's limits. Never raises.
+    Client input: members with a malformed key or value are skipped, and so
+    are members whose percent-decoded value holds a control character (C0,
+    DEL, C1, U+2028/U+2029); properties (after ``;``) are ignored. The work is
+    bounded by the spec's limits, not by the header: only the first 8,192
+    characters are looked at (a member that runs past them is dropped whole)
+    and at most 180 members, so a 6 MB header costs what an 8 KB one does.
+    Never raises.
+
+    .. versionchanged:: 0.3 bounded before reading; control characters dropped.
     """
     found: Dict[str, str] = {}
-    size = 0
-    for count, member in enumerate(header.split(",")):
-        size += len(member) + (1 if count else 0)
-        if count >= MAX_MEMBERS or size > MAX_BYTES:
-            break
+    if not isinstance(header, str):
+        return found
+    if len(header) > MAX_BYTES:
+        # Slice first: nothing past the limit is split, copied or decoded.
+        head = header[:MAX_BYTES + 1]
+        head = head[:head.rfind(",") + 1] if head[-1] != "," else head
+    else:
+        head = header
+    members = head.split(",", MAX_MEMBERS)
+    for member in members[:MAX_MEMBERS]:
         key, sep, value = member.split(";", 1)[0].partition("=")
         key, value = key.strip(" \t"), value.strip(" \t")
-        if not sep or TOKEN_RE.fullmatch(key) is None:
+        if not sep or TOKEN_RE.fullmatch(key) is None or _VALUE_RE.fullmatch(value) is None:
             continue
         try:
-            found[key] = unquote(value, errors="strict")
+            value = unquote(value, errors="strict")
         except UnicodeDecodeError:
             continue
+        if _CONTROL_RE.search(value) is not None:
+            continue
+        found[key] = value
     return found
 
 
 def store_from(name: str, members: Mapping[str, str]) -> Union[str, Dict[str, str], None]:
-    """The store for the storage called *name* from decoded *members*, or ``None``."""
+    """The store for the storage called *name* from decoded *members*, or ``None``.
+
+    The shape follows the members (0.2); the middleware uses :func:`store_for`,
+    where the application declares it.
+    """
     if name in members:
         return members[name]
+    return store_for(name, dict, members)
+
+
+def store_for(name: str, shape: type, members: Mapping[str, str]) -> Union[str, Dict[str, str], None]:
+    """The store of *shape* for the storage called *name*, or ``None``.
+
+    *shape* ``str``: the member ``name=value`` gives ``"value"``.
+    *shape* ``dict``: members ``name.key=value`` give ``{"key": "value", ...}``
+    (always a new dict of str to str). Members of the other shape are ignored:
+    the client never chooses the store's type.
+
+    .. versionadded:: 0.3
+    """
+    if shape is str:
+        return members.get(name)
     prefix = name + "."
     mapping = {key[len(prefix):]: value for key, value in members.items()
                if key.startswith(prefix) and len(key) > len(prefix)}

@@ -116,4 +116,6 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(WSGIApp|StorageSpec|Processor|StartResponse)"),
     # Private modules named in docstrings; the Concepts page describes them.
     (r"py:mod", r"asl_gevent\._\w+"),
+    # Type aliases of private modules in signatures (``_ids.Trust``).
+    (r"py:.*", r"(asl_gevent\.)?_\w+\.[A-Z]\w*"),
 ]

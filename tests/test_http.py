@@ -274,7 +274,7 @@ def test_baggage_round_trip_through_the_middleware(server: Recorder) -> None:
                         request=request_storage.get_store())
         start_response("200 OK", [])
         return []
-    RequestContextMiddleware(app, baggage=[tenant, user])(
+    RequestContextMiddleware(app, baggage=[tenant, (user, dict)])(  # 0.3: shapes declared
         {"HTTP_X_REQUEST_ID": "req-b", "HTTP_BAGGAGE": sent[0]}, lambda *a: None)
     assert restored == {"tenant": "acme, inc; \u00e9%",
                         "user": {"role": "admin", "name": "Zoë"},

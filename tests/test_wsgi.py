@@ -836,3 +836,62 @@ def test_pywsgi_serves_function_file_wrapper_and_generators_through_the_middlewa
         server.stop()
     assert reply.startswith(b"HTTP/1.1 200 OK") and b"file body" in reply
     assert len(made) == 1 and returned == made
+
+
+# -- 0.3: the private names other modules import, and the worker's context --------
+
+
+def test_private_names_other_modules_import_keep_their_meaning() -> None:
+    """celery.py and http.py import these from asl_gevent.wsgi; they moved to
+    _ids.py in 0.3 and must keep working from here."""
+    from asl_gevent import _ids
+    from asl_gevent.wsgi import (_HEADER_NAME_RE, _ID_RE, _OUTGOING, _check_baggage, _id_of,
+                                 request_storage as storage)
+
+    assert _ID_RE is _ids.ID_RE and _ID_RE.fullmatch("a-b.c:d@e/f+g=h_1")
+    assert _ID_RE.fullmatch("x" * 129) is None and _ID_RE.fullmatch("a b") is None
+    assert _HEADER_NAME_RE.fullmatch("X-Request-ID") and not _HEADER_NAME_RE.fullmatch("X_ID")
+    assert _id_of({"request_id": "r"}) == "r" and _id_of(SimpleNamespace(request_id=1)) is None
+    assert _OUTGOING.name == "asl_gevent.wsgi.outgoing"
+    tenant = AsyncLocalStorage(name="tenant")
+    assert _check_baggage([tenant], "x") == (tenant,)
+    assert storage is request_storage
+
+
+def test_in_the_workers_fresh_context_only_the_first_middleware_reuses_it() -> None:
+    """GeventWorker marks its connections; a middleware whose storage is still
+    unset sets its store right in the worker's per-request copy, and a nested
+    middleware with the same storage runs in its own copy, as before."""
+    from contextvars import copy_context
+
+    from asl_gevent.wsgi import _FRESH_CONTEXT
+
+    seen: List[Any] = []
+
+    def inner_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> List[bytes]:
+        seen.append(("inner", get_request_id()))
+        start_response("200 OK", [])
+        return []
+
+    inner = RequestContextMiddleware(inner_app)
+
+    def outer_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> List[bytes]:
+        seen.append(("outer", get_request_id()))
+        inner({"HTTP_X_REQUEST_ID": "inner-1"}, start_response)
+        seen.append(("outer after inner", get_request_id()))
+        return []
+
+    def request() -> None:
+        RequestContextMiddleware(outer_app)({"HTTP_X_REQUEST_ID": "outer-1"}, lambda *a: None)
+        seen.append(("worker after the app", get_request_id()))
+
+    connection = copy_context()
+    connection.run(_FRESH_CONTEXT.set, True)
+    connection.copy().run(request)
+    assert seen == [("outer", "outer-1"), ("inner", "inner-1"), ("outer after inner", "outer-1"),
+                    ("worker after the app", "outer-1")]
+    assert get_request_id() is None
+    # Without the mark, the middleware keeps to its own copy as in 0.2.
+    seen.clear()
+    copy_context().run(request)
+    assert seen[-1] == ("worker after the app", None)
