@@ -36,7 +36,7 @@ import re
 from itertools import accumulate
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from .wsgi import _ID_RE
+from ._ids import ID_RE as _ID_RE
 
 __all__ = ["MAX_DEPTH", "DEFAULT_MAX_STORE_BYTES", "header_limit", "encode_store",
            "join_header", "decode"]

@@ -29,7 +29,9 @@ from urllib.parse import quote, urlsplit
 
 from . import _baggage
 from ._storage import AsyncLocalStorage
-from .wsgi import _ID_RE, _OUTGOING, _id_of, request_storage
+from ._ids import ID_RE as _ID_RE
+from ._ids import id_of as _id_of
+from .wsgi import _OUTGOING, request_storage
 
 __all__ = ["Config", "Targets", "OPTED_OUT", "DECIDED", "configure", "decide",
            "headers_for_url"]

@@ -92,7 +92,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, cas
 
 from ._celery_codec import DEFAULT_MAX_STORE_BYTES, decode, encode_store, header_limit, join_header
 from ._storage import AsyncLocalStorage, named_storages
-from .wsgi import _ID_RE, _OUTGOING, _id_of, request_storage
+from ._ids import ID_RE as _ID_RE
+from ._ids import id_of as _id_of
+from .wsgi import _OUTGOING, request_storage
 
 __all__ = ["install", "is_installed", "task_storage", "HEADER"]
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict
 
 from ._storage import AsyncLocalStorage
-from .wsgi import _HEADER_NAME_RE, ENVIRON_KEY, request_id_from, request_storage
+from ._ids import HEADER_NAME_RE as _HEADER_NAME_RE
+from .wsgi import ENVIRON_KEY, request_id_from, request_storage
 
 __all__ = ["RequestIdMiddleware"]
 

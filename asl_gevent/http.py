@@ -64,7 +64,8 @@ from typing import Any, Dict, Iterable, Optional
 
 from . import _http_clients, _outgoing
 from ._storage import AsyncLocalStorage
-from .wsgi import _HEADER_NAME_RE, _check_baggage
+from ._ids import HEADER_NAME_RE as _HEADER_NAME_RE
+from .wsgi import _check_baggage
 
 __all__ = ["install", "uninstall", "is_installed", "outgoing_headers"]
 

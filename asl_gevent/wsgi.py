@@ -71,8 +71,8 @@ ENVIRON_KEY = "asl_gevent.request_id"
 #: refused by the validator), so access logs can show it. (0.3)
 CLIENT_ENVIRON_KEY = "asl_gevent.client_request_id"
 
-# The id rules live in _ids.py; kept here under their 0.2 names because
-# asl_gevent.http and asl_gevent.celery import them from this module.
+# The id rules live in _ids.py, which asl_gevent.http, celery and django ask
+# directly; kept here under their 0.2 names for code that imported them.
 _ID_RE = _ids.ID_RE
 _HEADER_NAME_RE = _ids.HEADER_NAME_RE
 _id_of = _ids.id_of

@@ -502,8 +502,8 @@ def test_logrotate_under_gunicorn_with_run_info_installed(tmp_path: Path, signam
     """A real gunicorn gevent worker whose app called install_signal_handler()
     at import (after gunicorn set its handlers). logrotate renames the access
     log and sends SIGUSR1 to the master (its postrotate step), which reopens
-    its files and signals the worker: the worker reopens its log too, so the
-    requests after the rotation are in the new file and none in the old.
+    its files and signals the worker: the worker reopens its log too, so once
+    a request lands in the new file, every later one does, and none in the old.
     With SIGUSR1 shared, the same signal also dumps the run info, with the
     store of the greenlet a request left behind; with the default signal
     (SIGPWR) SIGUSR1 dumps nothing and ``kill -PWR <worker>`` does."""
@@ -530,6 +530,11 @@ def test_logrotate_under_gunicorn_with_run_info_installed(tmp_path: Path, signam
                 break
             n += 1
             time.sleep(0.2)
+        # The worker reopens its log when the master's signal reaches it: a
+        # request served in between is in the old file (as with logrotate).
+        # Every request after the first in the new file must be there too.
+        for m in range(3):
+            assert _get(port, f"/later-{m}", f"later-{m}") == f"later-{m}".encode()
         time.sleep(0.3)
         dumps_after_usr1 = out.read_text().count("* Greenlets, with the stores of asl_gevent")
         if not signame:
@@ -539,8 +544,9 @@ def test_logrotate_under_gunicorn_with_run_info_installed(tmp_path: Path, signam
                 time.sleep(0.1)
             _get(port, "/peek", "alive")  # the worker lives on
     old, new, output = (tmp_path / "access.log.1").read_text(), access.read_text(), out.read_text()
-    assert "/before-2" in old and "/after-" not in old, old
-    assert "/after-" in new, (new, output)
+    assert "/before-2" in old and "/before-2" not in new, old
+    assert f"/after-{n} " in new and f"/after-{n} " not in old, (new, output)
+    assert all(f"/later-{m} " in new and f"/later-{m} " not in old for m in range(3)), (old, new)
     assert "Stores: request={'request_id': 'held-1'}" in output, output
     assert dumps_after_usr1 == (1 if signame else 0), output
 
