@@ -79,14 +79,19 @@ class Recorder:
         self.server.server_close()
         self.thread.join(10)
 
+    def __enter__(self) -> "Recorder":
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# test_http_clients, test_http_uninstall and test_http_boundaries import
+# these fixtures (and Recorder) from here.
 @pytest.fixture(name="server")
 def _server() -> Iterator[Recorder]:
-    recorder = Recorder()
-    try:
+    with Recorder() as recorder:
         yield recorder
-    finally:
-        recorder.close()
 
 
 @pytest.fixture(name="http_on")

@@ -31,20 +31,14 @@ LONE_SURROGATE = os.fsdecode(b"report-\xff.csv")  # 'report-\udcff.csv'
 
 @pytest.fixture(name="a")
 def _a() -> Iterator[Recorder]:
-    recorder = Recorder()
-    try:
+    with Recorder() as recorder:
         yield recorder
-    finally:
-        recorder.close()
 
 
 @pytest.fixture(name="b")
 def _b() -> Iterator[Recorder]:
-    recorder = Recorder()
-    try:
+    with Recorder() as recorder:
         yield recorder
-    finally:
-        recorder.close()
 
 
 @pytest.fixture(name="uninstalled")

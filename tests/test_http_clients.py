@@ -27,7 +27,7 @@ import asl_gevent.http
 from asl_gevent import AsyncLocalStorage
 from asl_gevent.wsgi import request_storage
 from helpers import run_python
-from test_http import Recorder
+from test_http import Recorder, _http_on, _server  # noqa: F401 (fixtures)
 
 Client = Callable[[str, Dict[str, str]], None]
 
@@ -111,24 +111,6 @@ CLIENTS: Dict[str, Client] = {
     "urllib3": _urllib3, "urllib3.HTTPConnectionPool": _urllib3_pool, "httpx": _httpx,
     "httpx.Client": _httpx_client, "httpx.AsyncClient": _httpx_async,
 }
-
-
-@pytest.fixture(name="server")
-def _server() -> Iterator[Recorder]:
-    recorder = Recorder()
-    try:
-        yield recorder
-    finally:
-        recorder.close()
-
-
-@pytest.fixture(name="http_on")
-def _http_on() -> Iterator[None]:
-    asl_gevent.http.install()
-    try:
-        yield
-    finally:
-        asl_gevent.http.uninstall()
 
 
 def in_request(request_id: str, fn: Callable[..., Any], *args: Any) -> Any:

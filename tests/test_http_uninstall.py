@@ -30,7 +30,7 @@ from urllib3.connectionpool import HTTPConnectionPool
 
 import asl_gevent.http
 from asl_gevent.wsgi import request_storage
-from test_http import Recorder
+from test_http import Recorder, _server  # noqa: F401 (fixture)
 
 #: Every attribute asl_gevent.http or an instrumentation here may replace.
 ATTRIBUTES: List[Tuple[Any, str]] = [
@@ -68,15 +68,6 @@ CASES: Dict[str, Tuple[Any, Callable[[str], None], int]] = {
 
 def current() -> Dict[Tuple[Any, str], Any]:
     return {(owner, name): vars(owner)[name] for owner, name in ATTRIBUTES}
-
-
-@pytest.fixture(name="server")
-def _server() -> Iterator[Recorder]:
-    recorder = Recorder()
-    try:
-        yield recorder
-    finally:
-        recorder.close()
 
 
 @pytest.fixture(name="case", params=list(CASES))
