@@ -5,6 +5,8 @@ client                                      hook
 ==========================================  ===================================
 ``http.client`` (so ``urllib.request``,     ``HTTPConnection.endheaders``: adds
 ``xmlrpc.client``, anything built on it)    what the caller did not ``putheader``
+``urllib.request`` through a proxy          ``AbstractHTTPHandler.do_open``:
+                                            tells http.client the URL fetched
 ``urllib3`` (so ``requests``)               ``HTTPConnectionPool.urlopen``: once
                                             per hop (redirects, retries)
 ``requests``                                ``Session.request``: only notes a
@@ -36,7 +38,7 @@ from types import ModuleType
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from ._imports import cancel_when_imported, when_imported
-from ._outgoing import DECIDED, OPTED_OUT, Where, decide
+from ._outgoing import BOTH, CONNECTION, DECIDED, OPTED_OUT, PROXIED, URL, Where, decide
 
 __all__ = ["install", "uninstall", "is_installed"]
 
@@ -103,7 +105,11 @@ def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any) -> Any:
 
 
 def _urllib3_where(pool: Any, url: str) -> Where:
-    return pool.scheme or "http", pool.host or "", pool.port, url
+    # A pool with a proxy set (ProxyManager) sends an absolute URL to the
+    # proxy, which fetches it: that URL is where the request goes. Any other
+    # pool sends to its own host, whatever URL it is given.
+    how = URL if getattr(pool, "proxy", None) is not None and url[:1] != "/" else CONNECTION
+    return pool.scheme or "http", pool.host or "", pool.port, url, how
 
 
 def _urllib3_urlopen(original: Any) -> Any:
@@ -140,7 +146,12 @@ def _http_client_where(conn: Any) -> Where:
         port = getattr(conn, "_tunnel_port", None)
     else:
         host, port = conn.host, conn.port
-    return "https" if getattr(conn, "default_port", 80) == 443 else "http", host, port, target
+    # An absolute-form target goes to a forward proxy, or straight to a
+    # server: http.client cannot tell which. Only urllib.request's
+    # ProxyHandler says (PROXIED); otherwise both the host connected to and
+    # the URL's host must be targets.
+    how = URL if target[:1] != "/" and target == PROXIED.get() else BOTH
+    return "https" if getattr(conn, "default_port", 80) == 443 else "http", host, port, target, how
 
 
 def _put_missing(conn: Any, extra: Mapping[str, str]) -> None:
@@ -213,7 +224,7 @@ def _requests_request(original: Any) -> Any:
 
 def _httpx_where(request: Any) -> Where:
     url = request.url
-    return url.scheme, url.host, url.port, url.raw_path.decode("ascii", "replace")
+    return url.scheme, url.host, url.port, url.raw_path.decode("ascii", "replace"), CONNECTION
 
 
 def _add_to_httpx(request: Any) -> List[str]:
@@ -274,6 +285,27 @@ def _httpx_handle_async_request(original: Any) -> Any:
     return handle_async_request
 
 
+def _urllib_request_do_open(original: Any) -> Any:
+    def do_open(self: Any, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        # Through ProxyHandler (http): the connection goes to the proxy and
+        # the request-target is the URL it fetches. Tell the http.client hook
+        # so (a bare http.client connection cannot know it talks to a proxy).
+        if _state.on:
+            try:
+                proxied = req.selector if req.has_proxy() else None
+            except Exception:  # a Request look-alike: http.client decides alone
+                proxied = None
+            if isinstance(proxied, str):
+                token = PROXIED.set(proxied)
+                try:
+                    return original(self, http_class, req, **kwargs)
+                finally:
+                    PROXIED.reset(token)
+        return original(self, http_class, req, **kwargs)
+
+    return do_open
+
+
 class _Row:
     """``<module>.<owner>.<name>`` becomes ``make(original)``."""
 
@@ -286,6 +318,7 @@ class _Row:
 
 _ROWS: Tuple[_Row, ...] = (
     _Row("http.client", "HTTPConnection", "endheaders", _http_client_endheaders),
+    _Row("urllib.request", "AbstractHTTPHandler", "do_open", _urllib_request_do_open),
     _Row("urllib3.connectionpool", "HTTPConnectionPool", "urlopen", _urllib3_urlopen),
     _Row("requests.sessions", "Session", "request", _requests_request),
     _Row("httpx", "HTTPTransport", "handle_request", _httpx_handle_request),

@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from itertools import islice
 from typing import (Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional,
                     Tuple)
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from . import _baggage
 from ._storage import AsyncLocalStorage
@@ -33,14 +33,37 @@ from ._ids import ID_RE as _ID_RE
 from ._ids import id_of as _id_of
 from .wsgi import _OUTGOING, request_storage
 
-__all__ = ["Config", "Targets", "OPTED_OUT", "DECIDED", "configure", "decide",
-           "headers_for_url"]
+__all__ = ["Config", "Targets", "OPTED_OUT", "DECIDED", "PROXIED", "URL", "CONNECTION",
+           "BOTH", "configure", "decide", "headers_for_url"]
 
 _log = logging.getLogger("asl_gevent.http")
 
-#: ``(scheme, host, port, request-target)`` of a request, as a hook sees it;
-#: the target is the path (``/a?b``) or, through a proxy, an absolute URL.
-Where = Tuple[str, str, Optional[int], str]
+#: How a hook's request-target tells where the request goes (the last item
+#: of :data:`Where`):
+#:
+#: - ``URL``: the request-target is an absolute URL and it is where the
+#:   request goes (:func:`headers_for_url`; a request through a forward proxy
+#:   the client is known to use: urllib3's proxy pools, urllib.request's
+#:   ``ProxyHandler``); anything else matches nothing;
+#: - ``CONNECTION``: the request goes to the connection's host and port, which
+#:   the client chose itself (a urllib3 pool without a proxy, httpx); an
+#:   absolute-form request-target only gives the path for URL patterns;
+#: - ``BOTH``: the connection may or may not be a forward proxy (a bare
+#:   http.client connection): its host and port must be a target, and so must
+#:   the host of an absolute-form request-target when it names another place.
+URL, CONNECTION, BOTH = 0, 1, 2
+
+#: ``(scheme, host, port, request-target, how)`` of a request, as a hook sees
+#: it: the place the connection goes to, the target it sends (a path ``/a?b``,
+#: or an absolute URL), and how to read them (:data:`URL`, :data:`CONNECTION`,
+#: :data:`BOTH`).
+Where = Tuple[str, str, Optional[int], str, int]
+
+#: The absolute URL urllib.request is fetching through an HTTP forward proxy
+#: (its ``ProxyHandler``), set by the urllib.request hook around
+#: ``AbstractHTTPHandler.do_open``: the http.client connection it opens goes
+#: to the proxy, and a request-target equal to this is the URL fetched.
+PROXIED: ContextVar[Optional[str]] = ContextVar("asl_gevent.http.proxied", default=None)
 
 #: Lower-case header names the caller removed for the call in progress
 #: (requests: ``headers={"X-Request-ID": None}`` or a session header set to
@@ -68,6 +91,10 @@ class Targets:
     - ``re.compile(...)``: searched in the request's URL, written
       ``scheme://host[:port]/path?query`` (the port only when it is not the
       scheme's default, the host in lower case).
+
+    An absolute URL matches only if it is ``http``/``https`` with a
+    well-formed RFC 3986 authority (``_AUTHORITY_RE``); which host
+    it names counts as :data:`Where` says.
     """
 
     __slots__ = ("hosts", "host_ports", "domains", "patterns")
@@ -117,9 +144,25 @@ class Targets:
         else:
             self.hosts.add(host.rstrip("."))
 
-    def match(self, scheme: str, host: str, port: Optional[int], target: str) -> bool:
-        """Whether a request to this place may carry ids and baggage."""
-        scheme, host, port, target = _absolute(scheme, host, port, target)
+    def match(self, scheme: str, host: str, port: Optional[int], target: str,
+              how: int) -> bool:
+        """Whether a request to this place may carry ids and baggage (see :data:`Where`)."""
+        if target[:1] == "/" or target == "*":  # origin-form: the connection's place
+            return how != URL and self._allows(_normal(scheme, host, port, target))
+        url = _split_url(target)
+        if url is None:  # not an http(s) URL with a well-formed authority
+            return False
+        if how == URL:
+            return self._allows(url)
+        connection = _normal(scheme, host, port, url[3])
+        if not self._allows(connection):
+            return False
+        return how == CONNECTION or url[1:3] == connection[1:3] or self._allows(url)
+
+    def _allows(self, place: Tuple[str, str, Optional[int], str]) -> bool:
+        scheme, host, port, target = place
+        if not host:
+            return False
         if host in self.hosts or (host, port) in self.host_ports:
             return True
         for domain in self.domains:  # ".example.com"
@@ -131,19 +174,43 @@ class Targets:
         return False
 
 
-def _absolute(scheme: str, host: str, port: Optional[int], target: str) -> Where:
-    """Normalise a place: lower-case host without brackets or a trailing dot,
-    the real port, and the URL's own parts when *target* is absolute (proxy)."""
-    if target[:7].lower() == "http://" or target[:8].lower() == "https://":
-        parts = urlsplit(target)
-        scheme, host = parts.scheme, parts.hostname or ""
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
+#: ``scheme://authority rest``: the authority is everything up to the first
+#: ``/``, ``?`` or ``#`` (RFC 3986, section 3.2).
+_URL_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
+#: An RFC 3986 authority: ``[userinfo@]host[:port]``, with only the characters
+#: it allows (unreserved, percent-encoded, sub-delims; ``:`` in userinfo; an
+#: IP literal in brackets). A backslash, a space, a second ``@``, anything
+#: else: not one, so the URL gets nothing (clients disagree on such URLs:
+#: ``http://127.0.0.1\@localhost/`` (one backslash) is localhost to urlsplit, 127.0.0.1 to
+#: urllib3).
+_AUTHORITY_RE = re.compile(
+    r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})*@)?"
+    r"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)"
+    r"(?::([0-9]*))?")
+
+
+def _split_url(url: str) -> Optional[Tuple[str, str, Optional[int], str]]:
+    """``(scheme, host, port, path?query)`` of an absolute http(s) URL whose
+    authority is well-formed (RFC 3986), normalised; else None."""
+    parts = _URL_RE.fullmatch(url)
+    if parts is None or parts.group(1).lower() not in _DEFAULT_PORTS:
+        return None
+    authority = _AUTHORITY_RE.fullmatch(parts.group(2))
+    if authority is None:
+        return None
+    digits = authority.group(2)
+    port = int(digits) if digits else None
+    if port is not None and port > 65535:
+        return None
+    rest = parts.group(3).partition("#")[0]
+    return _normal(parts.group(1), authority.group(1), port,
+                   rest if rest.startswith("/") else "/" + rest)
+
+
+def _normal(scheme: str, host: str, port: Optional[int],
+            target: str) -> Tuple[str, str, Optional[int], str]:
+    """A place: lower-case scheme and host, the host without brackets or a
+    trailing dot, the scheme's default port when none is given."""
     scheme = scheme.lower()
     host = host.lower().strip("[]").rstrip(".")
     if port is None:
@@ -246,7 +313,7 @@ def headers_for_url(url: Optional[str]) -> Dict[str, str]:
 
 
 def _where_url(url: str) -> Where:
-    return _absolute("", "", None, url)
+    return "", "", None, url, URL
 
 
 def _baggage_value(config: Config) -> str:

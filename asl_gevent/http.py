@@ -89,7 +89,9 @@ def install(targets: Optional[Iterable[Any]] = None,
         A plain string is a host, never a substring of the URL
         (``"api.example.com"`` does not match ``api.example.com.evil.net``).
         ``targets=()`` sends nothing anywhere. Each redirect hop is checked
-        on its own URL.
+        on its own URL; through a configured proxy, the URL fetched is;
+        a bare ``http.client`` connection given an absolute URL needs both
+        its own host and the URL's to be targets.
     :param baggage: named storages whose str or flat str-mapping stores are
         sent in the W3C ``baggage`` header (unless the caller set one).
     :param header: the header to send the id in. Default: the header of the
@@ -164,12 +166,17 @@ def outgoing_headers(url: Optional[str] = None) -> Dict[str, str]:
     the stores hold, it never raises.
 
     :param url: the absolute URL the call goes to: then ``targets=`` apply
-        (``{}`` for a URL they do not allow). Without it, the headers are
-        given whatever the targets, and where they go is up to the caller.
+        (``{}`` for a URL they do not allow). With ``targets=``, a URL that
+        is not ``http``/``https`` or whose authority is not well-formed
+        (RFC 3986: a backslash, a space, a second ``@``, a bad port...)
+        gets ``{}`` too, since clients disagree on its host. Without *url*,
+        the headers are given whatever the targets, and where they go is up
+        to the caller.
 
     :raises TypeError: if *url* is not a str or None.
 
-    .. versionchanged:: 0.3 the *url* argument.
+    .. versionchanged:: 0.3 the *url* argument; with ``targets=``, ``{}``
+       for a URL whose authority is not well-formed.
     """
     if url is not None and not isinstance(url, str):
         raise TypeError(f"asl_gevent.http.outgoing_headers() argument 'url' must be a str "

@@ -361,3 +361,118 @@ def test_a_huge_mapping_store_costs_what_the_members_that_fit_cost(
             return best
         return in_request("r", run)
     assert cost(200_000) < 10 * cost(180)
+
+
+# -- review F6/F7: an absolute URL never moves the targets check --------------
+
+
+def test_a_direct_connection_with_an_absolute_url_is_checked_on_the_host_it_reaches(
+        a: Recorder, b: Recorder, uninstalled: None) -> None:
+    """targets=[b]: a direct connection to a (not a target) whose
+    request-target names b (http.client request(); a urllib3 pool without a
+    proxy, given an absolute URL) sends nothing to a. The other way round, a
+    direct http.client connection to b with a URL naming a sends nothing
+    either (b may be a proxy that fetches a); urllib3, which knows its pool
+    has no proxy, sends to b, its pool's host. A direct connection to b with
+    b's own absolute URL carries the id."""
+    import http.client
+    import urllib3
+    asl_gevent.http.install(targets=[f"127.0.0.1:{port(b)}"])
+
+    def http_client(to: Recorder, target: str) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port(to), timeout=10)
+        try:
+            conn.request("GET", target)
+            conn.getresponse().read()
+        finally:
+            conn.close()
+
+    def pool(to: Recorder, url: str) -> None:
+        with urllib3.HTTPConnectionPool("127.0.0.1", port(to)) as pool_:
+            pool_.urlopen("GET", url, assert_same_host=False, retries=False, timeout=10)
+
+    def call() -> None:
+        http_client(a, b.url + "abs")
+        pool(a, b.url + "abs")
+        http_client(b, a.url + "abs")
+        pool(b, a.url + "abs")
+        http_client(b, b.url + "abs")
+        pool(b, b.url + "abs")
+    in_request("req-abs", call)
+    assert a.paths == [b.url + "abs"] * 2 and ids(a) == [[], []]
+    assert b.paths == [a.url + "abs"] * 2 + [b.url + "abs"] * 2
+    assert ids(b) == [[], ["req-abs"], ["req-abs"], ["req-abs"]]
+
+
+def test_a_direct_connection_to_a_non_target_with_a_target_url_sends_nothing(
+        a: Recorder, uninstalled: None) -> None:
+    """The review's reproducer: targets=["localhost"], a connection to
+    127.0.0.1 whose request-target is http://localhost/abs (http.client, and
+    a urllib3 pool for 127.0.0.1): no id reaches 127.0.0.1."""
+    import http.client
+    import urllib3
+    asl_gevent.http.install(targets=["localhost"])
+
+    def call() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port(a), timeout=10)
+        try:
+            conn.request("GET", "http://localhost/abs")
+            conn.getresponse().read()
+        finally:
+            conn.close()
+        with urllib3.HTTPConnectionPool("127.0.0.1", port(a)) as pool:
+            pool.urlopen("GET", "http://localhost/abs", assert_same_host=False, retries=False,
+                         timeout=10)
+    in_request("req-abs", call)
+    assert a.paths == ["http://localhost/abs"] * 2
+    assert ids(a) == [[], []]
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3", "urllib.request", "httpx"])
+def test_through_a_proxy_that_is_a_target_a_non_target_url_gets_nothing(
+        a: Recorder, b: Recorder, uninstalled: None, client: str) -> None:
+    """a plays a forward proxy and is itself a target: a URL on b (not a
+    target) fetched through it carries nothing; a URL on a does."""
+    asl_gevent.http.install(targets=[f"127.0.0.1:{port(a)}"])
+    in_request("req-p", lambda: [_through_proxy(client, a.url, url)
+                                 for url in (b.url + "x", a.url + "y")])
+    assert a.paths == [b.url + "x", a.url + "y"]
+    assert ids(a) == [[], ["req-p"]] and b.seen == []
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1\\@localhost/x", "http://127.0.0.1\\\\@localhost/x",
+    "http://localhost\\@localhost/", "http://127.0.0.1 @localhost/", "http://127.0.0.1\t@localhost/",
+    "http://a@127.0.0.1@localhost/", "http://127.0.0.1^@localhost/", "http://local\nhost/",
+    "http://localhost:80x/", "http://localhost:99999/", "http:///x", "http://localhost\\/",
+])
+def test_outgoing_headers_give_nothing_for_a_malformed_authority(
+        url: str, uninstalled: None) -> None:
+    """An authority with a backslash or any other character RFC 3986 does not
+    allow there: clients disagree on its host (urlsplit: localhost; urllib3's
+    parse_url: 127.0.0.1), so nothing is given for it."""
+    asl_gevent.http.install(targets=["localhost"])
+    assert in_request("r", asl_gevent.http.outgoing_headers, url) == {}
+    for good in ["http://localhost/x", "HTTP://LOCALHOST.:8080/x?y#z", "http://u:p@localhost/",
+                 "http://localhost", "http://localhost?q", "http://localhost#@127.0.0.1/"]:
+        assert in_request("r", asl_gevent.http.outgoing_headers, good) == {"X-Request-ID": "r"}
+
+
+def test_a_client_given_a_malformed_authority_gets_nothing(
+        a: Recorder, uninstalled: None) -> None:
+    """The hooks parse absolute URLs the same way: urllib.request through a
+    proxy (a) sends the URL as it is given; http://127.0.0.1\\@localhost/x,
+    which a proxy may take for 127.0.0.1 (as urllib3 does), gets no id
+    although localhost is a target; http://localhost/x through the same
+    proxy gets it."""
+    import urllib.request
+    asl_gevent.http.install(targets=["localhost"])
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": a.url}))
+
+    def call() -> None:
+        for url in (f"http://127.0.0.1\\@localhost:{port(a)}/x", f"http://localhost:{port(a)}/x"):
+            with opener.open(url, timeout=10) as response:
+                response.read()
+    in_request("req-m", call)
+    assert a.paths == [f"http://127.0.0.1\\@localhost:{port(a)}/x", f"http://localhost:{port(a)}/x"]
+    assert ids(a) == [[], ["req-m"]]

@@ -37,6 +37,7 @@ ATTRIBUTES: List[Tuple[Any, str]] = [
     (HTTPConnectionPool, "urlopen"), (requests.Session, "request"), (requests.Session, "send"),
     (httpx.HTTPTransport, "handle_request"), (httpx.AsyncHTTPTransport, "handle_async_request"),
     (http.client.HTTPConnection, "endheaders"), (urllib.request.OpenerDirector, "open"),
+    (urllib.request.AbstractHTTPHandler, "do_open"),
 ]
 PRISTINE = {(owner, name): vars(owner)[name] for owner, name in ATTRIBUTES}
 PROVIDER = TracerProvider()
@@ -132,7 +133,7 @@ def test_wrapped_before_us_and_unwrapped_before_our_uninstall(server: Recorder,
     assert sent(server, call, count)[0] == [["req-u"]] * count
     asl_gevent.http.uninstall()
     assert sent(server, call, count)[0] == [[]] * count
-    assert len(hooked) == 5
+    assert len(hooked) == 6
     assert all(current()[key] is found[key] for key in hooked)
 
 
@@ -189,6 +190,7 @@ def test_uninstall_restores_every_client_exactly(server: Recorder) -> None:
         (HTTPConnectionPool, "urlopen"), (requests.Session, "request"),
         (httpx.HTTPTransport, "handle_request"),
         (httpx.AsyncHTTPTransport, "handle_async_request"),
-        (http.client.HTTPConnection, "endheaders")])
+        (http.client.HTTPConnection, "endheaders"),
+        (urllib.request.AbstractHTTPHandler, "do_open")])
     asl_gevent.http.uninstall()
     assert current() == PRISTINE
