@@ -278,6 +278,12 @@ def _payload() -> Optional[str]:
             client_id = _client_id_of(store)
             if client_id is not None:
                 ids["client_request_id"] = client_id
+            if not isinstance(store, Mapping) or set(store) - set(REQUEST_KEYS) or (
+                    client_id is None and store.get(REQUEST_KEYS[1]) is not None):
+                _warn_once("\0request:extra", "sending only request_id and client_request_id "
+                           "(if a valid id) of the request store to Celery tasks: workers "
+                           "restore no other key; carry other data in a named storage; "
+                           "warned once")
             request_text = json.dumps(ids, separators=(",", ":"))
             room -= len(request_text) + 5
     named: List[Tuple[str, str]] = []
