@@ -18,9 +18,12 @@ what is not UTF-8 (lone surrogates) instead of raising.
 :func:`decode` checks size and nesting before :func:`json.loads` runs (a
 deep text would raise :class:`RecursionError`, a long number cost quadratic
 time on Python 3.10), catches every error, warns once per cause, and keeps
-only what has the declared shape: a request store ``{"request_id": id, ...}``
-whose id passes the checks an incoming ``X-Request-ID`` passes, named stores
-as a JSON object, a parent id that is a short printable str or ``None``.
+only what has the declared shape: of a request store, ``request_id`` and
+``client_request_id`` if each passes the checks an incoming ``X-Request-ID``
+passes (``request_id`` must); named stores as a JSON object, each without a
+lone surrogate; a parent id that passes :func:`task_id` or is ``None``.
+Numbers are finite. The checks before decoding are linear in the header's
+length whatever it holds.
 
 >>> decode('{"r":{"request_id":"req-1"},"s":{"tenant":"acme"}}')
 {'r': {'request_id': 'req-1'}, 's': {'tenant': 'acme'}}
@@ -255,10 +258,12 @@ def decode(header: object, max_store_bytes: int = DEFAULT_MAX_STORE_BYTES
     :param max_store_bytes: the worker's limit; the header may be
         :func:`header_limit` characters long.
     :returns: ``None`` when the header is unusable (not a str, too long, too
-        deep, not JSON, not an object): the task then runs with no stores from
-        it. Else a dict with the keys that passed their checks: ``"r"`` (a dict
-        whose ``"request_id"`` is a valid request id), ``"s"`` (a dict of
-        name to store), ``"p"`` (a str or ``None``). A part that fails is
+        deep, not JSON, a non-finite number, not an object): the task then
+        runs with no stores from it. Else a dict with the keys that passed
+        their checks: ``"r"`` (a dict of a valid ``"request_id"`` and maybe
+        a valid ``"client_request_id"``), ``"s"`` (a dict of name to store,
+        without stores holding lone surrogates), ``"p"`` (a str passing
+        :func:`task_id`, or ``None``). A part that fails is
         dropped alone. Each cause is warned about once per process.
     """
     try:

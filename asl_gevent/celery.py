@@ -20,9 +20,11 @@ than ``max_store_bytes`` once encoded is left out with one warning per
 storage, and the other stores and the request id still go; the publish never
 fails because of a store. A store over the limit is refused after work
 bounded by ``max_store_bytes``, never encoded whole (a 5 MB store costs
-what a 16 KB one does). The request's store travels only if its
+what a 16 KB one does). The request's store travels as its ids only,
+``{"request_id": ..., "client_request_id": ...}`` (the second if present and
+valid; a store with other keys is sent so with one warning), and only if its
 ``request_id`` would pass as an incoming ``X-Request-ID`` (workers drop it
-otherwise); if it cannot be encoded, ``{"request_id": ...}`` is sent instead.
+otherwise).
 The header stays within ``16 * max_store_bytes`` characters (what a worker
 reads): a named store that would take it past that is left out too.
 
@@ -38,7 +40,8 @@ Running, in the worker: each task runs in its own copy of the worker's
 context, on every pool (``prefork``, ``solo``, ``threads``, ``gevent``), with
 
 - the published stores restored, as stores of the storages of the same names
-  (JSON values: a dict store comes back as an equal dict, a tuple as a list);
+  (JSON values: a dict store comes back as an equal dict, a tuple as a list;
+  the request's store as its ids);
 - :data:`task_storage` holding ``{"task_id": ..., "parent_task_id": ...}``
   (the parent is the task that published this one, ``None`` for a task
   published outside a task; a retry keeps its ``task_id``).
@@ -55,9 +58,13 @@ received, as a retry does. Tasks run eagerly (``apply()``,
 The header comes from the broker, so from anyone who can publish there: the
 worker reads it within bounds fixed before decoding (``16 *
 max_store_bytes`` characters, 66 levels of nesting), catches every error,
-and keeps only what has the declared shape (a request store whose
-``request_id`` passes ``X-Request-ID``'s checks, named stores as a JSON
-object, a parent task id that is a short printable str). A bad header, or a
+and keeps only what has the declared shape (a request store's
+``request_id`` and ``client_request_id`` that pass ``X-Request-ID``'s
+checks, named stores as a JSON object without lone surrogates, finite
+numbers). The task id and parent task id that enter :data:`task_storage`
+are ``None`` unless they are 1 to 255 characters without control
+characters, U+2028/U+2029 or lone surrogates, so they cannot forge log
+lines. A bad header, or a
 bad part of one, is dropped with one warning per cause and the task runs
 without it; the worker never fails, hangs or loses a task because of it.
 
@@ -75,7 +82,8 @@ task's context too.
 
 .. versionadded:: 0.2
 .. versionchanged:: 0.3
-   The worker checks the header (bounded, never raises); a store that
+   The worker checks the header (bounded, never raises) and the task
+   ids; the request's store travels as its ids only; a store that
    cannot travel is left out alone without being encoded whole;
    continuations carry the stores their task received.
 """
