@@ -18,9 +18,12 @@ what is not UTF-8 (lone surrogates) instead of raising.
 :func:`decode` checks size and nesting before :func:`json.loads` runs (a
 deep text would raise :class:`RecursionError`, a long number cost quadratic
 time on Python 3.10), catches every error, warns once per cause, and keeps
-only what has the declared shape: a request store ``{"request_id": id, ...}``
-whose id passes the checks an incoming ``X-Request-ID`` passes, named stores
-as a JSON object, a parent id that is a short printable str or ``None``.
+only what has the declared shape: of a request store, ``request_id`` and
+``client_request_id`` if each passes the checks an incoming ``X-Request-ID``
+passes (``request_id`` must); named stores as a JSON object, each without a
+lone surrogate; a parent id that passes :func:`task_id` or is ``None``.
+Numbers are finite. The checks before decoding are linear in the header's
+length whatever it holds.
 
 >>> decode('{"r":{"request_id":"req-1"},"s":{"tenant":"acme"}}')
 {'r': {'request_id': 'req-1'}, 's': {'tenant': 'acme'}}
@@ -34,12 +37,14 @@ import json
 import logging
 import re
 from itertools import accumulate
+from math import isfinite
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ._ids import ID_RE as _ID_RE
+from ._ids import is_safe as _is_safe
 
-__all__ = ["MAX_DEPTH", "DEFAULT_MAX_STORE_BYTES", "header_limit", "encode_store",
-           "join_header", "decode"]
+__all__ = ["MAX_DEPTH", "DEFAULT_MAX_STORE_BYTES", "REQUEST_KEYS", "header_limit", "encode_store",
+           "join_header", "task_id", "decode"]
 
 _log = logging.getLogger("asl_gevent.celery")
 
@@ -51,18 +56,32 @@ MAX_DEPTH = 64
 
 DEFAULT_MAX_STORE_BYTES = 16384
 
+#: The keys of a request store that travel (the middleware's default store);
+#: each must pass the id rule (:func:`asl_gevent._ids.is_safe`).
+REQUEST_KEYS = ("request_id", "client_request_id")
+
 # CPython 3.11's default int_max_str_digits: a longer number cannot be
 # written by json.dumps there, and parsing one is quadratic on 3.10.
 _MAX_DIGITS = 4300
 
-# A JSON string, unrolled so re never backtracks (Friedl's "unrolling the loop").
-_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string, unrolled so re never backtracks (Friedl's "unrolling the
+# loop"); an unterminated one runs to the end of the text (json.loads will
+# refuse it). The loop stops only before a '"' or at the end (after at most a
+# lone backslash), so the last group matches at once: one pass, never a retry
+# from a later start. The first pattern required the closing quote, and
+# '"' + '\\"' * n made every later quote start a fresh O(n) attempt: O(n^2),
+# ~3 minutes at the 262,144-character limit, holding the GIL.
+_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
-_LONG_NUMBER_RE = re.compile(r"[0-9]{%d}" % (_MAX_DIGITS + 1))
+# Only from the start of a run of digits: searching from every position in a
+# run cost O(run x 4300).
+_LONG_NUMBER_RE = re.compile(r"(?<![0-9])[0-9]{%d}" % (_MAX_DIGITS + 1))
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-# A parent task id: Celery's ids are UUIDs; allow any short text without
-# control characters (C0, DEL, C1), which could forge log lines.
-_PARENT_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,255}")
+# What a task id or parent task id may not hold: C0, DEL, C1 and U+2028/U+2029
+# (log-line breaks for many readers; the baggage decoder's rule) and lone
+# surrogates, which a UTF-8 log handler cannot write (the record is lost).
+_UNSAFE_TEXT_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_MAX_TASK_ID = 255
 
 # Causes already warned about: one warning per cause per process.
 _warned: Set[str] = set()
@@ -189,6 +208,29 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    """``parse_float``: ``1e999`` would be ``inf``, which cannot be re-encoded
+    as JSON for the task's continuations."""
+    value = float(text)
+    if not isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range for a float")
+    return value
+
+
+def task_id(value: object) -> Optional[str]:
+    """*value* if it may stand in ``task_storage`` (and so in log lines) as a
+    task id or parent task id, else ``None``: a str of 1 to 255 characters
+    without C0/C1 control characters, DEL, U+2028/U+2029 or lone surrogates.
+
+    >>> task_id("7f8e-11"), task_id("x\\nCRITICAL forged"), task_id("\\ud800"), task_id(None)
+    ('7f8e-11', None, None, None)
+    """
+    if (isinstance(value, str) and 0 < len(value) <= _MAX_TASK_ID
+            and _UNSAFE_TEXT_RE.search(value) is None):
+        return value
+    return None
+
+
 def _too_complex(header: str, max_depth: int) -> Optional[str]:
     """Why *header* must not reach :func:`json.loads`, or ``None``.
 
@@ -216,10 +258,12 @@ def decode(header: object, max_store_bytes: int = DEFAULT_MAX_STORE_BYTES
     :param max_store_bytes: the worker's limit; the header may be
         :func:`header_limit` characters long.
     :returns: ``None`` when the header is unusable (not a str, too long, too
-        deep, not JSON, not an object): the task then runs with no stores from
-        it. Else a dict with the keys that passed their checks: ``"r"`` (a dict
-        whose ``"request_id"`` is a valid request id), ``"s"`` (a dict of
-        name to store), ``"p"`` (a str or ``None``). A part that fails is
+        deep, not JSON, a non-finite number, not an object): the task then
+        runs with no stores from it. Else a dict with the keys that passed
+        their checks: ``"r"`` (a dict of a valid ``"request_id"`` and maybe
+        a valid ``"client_request_id"``), ``"s"`` (a dict of name to store,
+        without stores holding lone surrogates), ``"p"`` (a str passing
+        :func:`task_id`, or ``None``). A part that fails is
         dropped alone. Each cause is warned about once per process.
     """
     try:
@@ -247,7 +291,7 @@ def _decode(header: object, max_store_bytes: int) -> Optional[Dict[str, Any]]:
                    "stores from it", "asl_gevent", why)
         return None
     try:
-        decoded = json.loads(header, parse_constant=_reject_constant)
+        decoded = json.loads(header, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         _warn_once("json", "ignoring an %r header that is not valid JSON (%s); the task "
                    "runs with no stores from it", "asl_gevent", exc)
@@ -258,26 +302,53 @@ def _decode(header: object, max_store_bytes: int) -> Optional[Dict[str, Any]]:
         return None
     result: Dict[str, Any] = {}
     if "r" in decoded:
-        store = decoded["r"]
-        request_id = store.get("request_id") if isinstance(store, dict) else None
-        if isinstance(request_id, str) and _ID_RE.fullmatch(request_id) is not None:
-            result["r"] = store
-        else:
-            _warn_once("request", "dropping a request store that is not "
-                       "{\"request_id\": <a valid X-Request-ID>, ...}: %.80r", store)
+        request = _request_store(decoded["r"])
+        if request is not None:
+            result["r"] = request
     if "s" in decoded:
         named = decoded["s"]
         if isinstance(named, dict):
-            result["s"] = named
+            result["s"] = {name: store for name, store in named.items()
+                           if _is_text(name, store)}
         else:
             _warn_once("named", "dropping named stores that are a JSON %s, not an object",
                        type(named).__name__)
     if "p" in decoded:
         parent = decoded["p"]
-        if parent is None or (isinstance(parent, str)
-                              and _PARENT_RE.fullmatch(parent) is not None):
+        if parent is None or task_id(parent) is not None:
             result["p"] = parent
         else:
-            _warn_once("parent", "dropping a parent task id that is not a printable str "
-                       "of at most 255 characters or null: %.80r", parent)
+            _warn_once("parent", "dropping a parent task id that is neither null nor a string of "
+                       "1 to 255 characters without control characters, U+2028/U+2029 or "
+                       "lone surrogates: %.80r", parent)
     return result
+
+
+def _request_store(store: object) -> Optional[Dict[str, str]]:
+    """The request store's :data:`REQUEST_KEYS` that pass the id rule, or
+    ``None`` when its ``request_id`` does not. Other keys are dropped: the
+    publisher sends no others, and a forged ``client_request_id`` would
+    reach log lines through :class:`~asl_gevent.logfilter.StoreFilter`."""
+    if not (isinstance(store, dict) and _is_safe(store.get("request_id"))):
+        _warn_once("request", "dropping a request store that is not "
+                   "{\"request_id\": <a valid X-Request-ID>, ...}: %.80r", store)
+        return None
+    kept = {key: store[key] for key in REQUEST_KEYS if key in store and _is_safe(store[key])}
+    if len(kept) != len(store):
+        _warn_once("request-keys", "dropping keys of a request store other than a valid "
+                   "request_id and client_request_id: %.80r",
+                   sorted(key for key in store if key not in kept)[:8])
+    return kept
+
+
+def _is_text(name: str, store: object) -> bool:
+    """Whether a named store can be encoded again as UTF-8 JSON (for the
+    task's continuations and its log lines): no lone surrogate in it or in
+    its name. Linear, in C."""
+    try:
+        json.dumps({name: store}, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return True
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        _warn_once("surrogate", "dropping a named store that holds a lone surrogate (not "
+                   "valid Unicode): %.80r", name)
+        return False

@@ -20,9 +20,11 @@ than ``max_store_bytes`` once encoded is left out with one warning per
 storage, and the other stores and the request id still go; the publish never
 fails because of a store. A store over the limit is refused after work
 bounded by ``max_store_bytes``, never encoded whole (a 5 MB store costs
-what a 16 KB one does). The request's store travels only if its
+what a 16 KB one does). The request's store travels as its ids only,
+``{"request_id": ..., "client_request_id": ...}`` (the second if present and
+valid; a store with other keys is sent so with one warning), and only if its
 ``request_id`` would pass as an incoming ``X-Request-ID`` (workers drop it
-otherwise); if it cannot be encoded, ``{"request_id": ...}`` is sent instead.
+otherwise).
 The header stays within ``16 * max_store_bytes`` characters (what a worker
 reads): a named store that would take it past that is left out too.
 
@@ -38,7 +40,8 @@ Running, in the worker: each task runs in its own copy of the worker's
 context, on every pool (``prefork``, ``solo``, ``threads``, ``gevent``), with
 
 - the published stores restored, as stores of the storages of the same names
-  (JSON values: a dict store comes back as an equal dict, a tuple as a list);
+  (JSON values: a dict store comes back as an equal dict, a tuple as a list;
+  the request's store as its ids);
 - :data:`task_storage` holding ``{"task_id": ..., "parent_task_id": ...}``
   (the parent is the task that published this one, ``None`` for a task
   published outside a task; a retry keeps its ``task_id``).
@@ -55,9 +58,13 @@ received, as a retry does. Tasks run eagerly (``apply()``,
 The header comes from the broker, so from anyone who can publish there: the
 worker reads it within bounds fixed before decoding (``16 *
 max_store_bytes`` characters, 66 levels of nesting), catches every error,
-and keeps only what has the declared shape (a request store whose
-``request_id`` passes ``X-Request-ID``'s checks, named stores as a JSON
-object, a parent task id that is a short printable str). A bad header, or a
+and keeps only what has the declared shape (a request store's
+``request_id`` and ``client_request_id`` that pass ``X-Request-ID``'s
+checks, named stores as a JSON object without lone surrogates, finite
+numbers). The task id and parent task id that enter :data:`task_storage`
+are ``None`` unless they are 1 to 255 characters without control
+characters, U+2028/U+2029 or lone surrogates, so they cannot forge log
+lines. A bad header, or a
 bad part of one, is dropped with one warning per cause and the task runs
 without it; the worker never fails, hangs or loses a task because of it.
 
@@ -75,7 +82,8 @@ task's context too.
 
 .. versionadded:: 0.2
 .. versionchanged:: 0.3
-   The worker checks the header (bounded, never raises); a store that
+   The worker checks the header (bounded, never raises) and the task
+   ids; the request's store travels as its ids only; a store that
    cannot travel is left out alone without being encoded whole;
    continuations carry the stores their task received.
 """
@@ -90,10 +98,13 @@ import weakref
 from contextvars import ContextVar, copy_context
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, cast
 
-from ._celery_codec import DEFAULT_MAX_STORE_BYTES, decode, encode_store, header_limit, join_header
+from ._celery_codec import (DEFAULT_MAX_STORE_BYTES, REQUEST_KEYS, decode, encode_store,
+                            header_limit, join_header)
+from ._celery_codec import task_id as _task_id
 from ._storage import AsyncLocalStorage, named_storages
 from ._ids import ID_RE as _ID_RE
 from ._ids import id_of as _id_of
+from ._ids import is_safe as _is_safe
 from .wsgi import _OUTGOING, request_storage
 
 __all__ = ["install", "is_installed", "task_storage", "HEADER"]
@@ -269,13 +280,20 @@ def _payload() -> Optional[str]:
                        "request_id %.80r is not a valid X-Request-ID, so workers would "
                        "drop it; warned once", request_id)
         else:
-            text, why = encode_store(store, limit)
-            if text is None:
-                _warn_once("\0request:unencodable", "sending only the request id of the request store "
-                           "to Celery tasks: %s; warned once", why)
-                text = json.dumps({"request_id": request_id})
-            request_text = text
-            room -= len(text) + 5
+            # Only the ids travel (what the worker restores): the middleware's
+            # store holds nothing else, and a worker drops other keys.
+            ids = {"request_id": request_id}
+            client_id = _client_id_of(store)
+            if client_id is not None:
+                ids["client_request_id"] = client_id
+            if not isinstance(store, Mapping) or set(store) - set(REQUEST_KEYS) or (
+                    client_id is None and store.get(REQUEST_KEYS[1]) is not None):
+                _warn_once("\0request:extra", "sending only request_id and client_request_id "
+                           "(if a valid id) of the request store to Celery tasks: workers "
+                           "restore no other key; carry other data in a named storage; "
+                           "warned once")
+            request_text = json.dumps(ids, separators=(",", ":"))
+            room -= len(request_text) + 5
     named: List[Tuple[str, str]] = []
     sent: Set[str] = set()
     for storage in named_storages():
@@ -301,6 +319,15 @@ def _payload() -> Optional[str]:
     return join_header(request_text, named)
 
 
+def _client_id_of(store: Any) -> Optional[str]:
+    """The store's ``client_request_id`` (key or attribute) if it passes the id rule."""
+    if isinstance(store, Mapping):
+        value = store.get(REQUEST_KEYS[1])
+    else:
+        value = getattr(store, REQUEST_KEYS[1], None)
+    return value if _is_safe(value) else None
+
+
 def _retry_payload(running: "_Running") -> str:
     """A retry: the stores the first attempt received, and its parent
     (Celery makes the retry's ``parent_id`` the task itself)."""
@@ -319,8 +346,8 @@ def _received(decoded: Dict[str, Any]) -> Optional[str]:
 
 
 def _dumps(value: Any) -> str:
-    # Values a worker decoded (bounded, JSON already): cannot fail.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # Values a worker decoded (bounded, finite, no lone surrogates): does not fail.
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 def _in_body(body: Any) -> bool:
@@ -402,9 +429,10 @@ def _wrap_tracer(tracer: Callable[..., Any], task: Any = None) -> Callable[..., 
 def _run_task(tracer: Callable[..., Any], body: Any, uuid: str, args: Any, kwargs: Any,
               request: Any, rest: Tuple[Any, ...], options: Dict[str, Any]) -> Any:
     get = request.get if isinstance(request, Mapping) else (lambda key, default=None: default)
-    parent = get("parent_id")
-    if parent is not None and not isinstance(parent, str):
-        parent = None  # the message's own parent_id is broker input too
+    # The message's id and parent_id are broker input too, and reach log
+    # lines through StoreFilter(task_storage): one rule for both (a failing
+    # one is None in task_storage; the task still runs under its id).
+    parent = _task_id(get("parent_id"))
     received = None
     eager = get("is_eager")
     if not eager:
@@ -415,14 +443,18 @@ def _run_task(tracer: Callable[..., Any], body: Any, uuid: str, args: Any, kwarg
         if header is not None:
             decoded = decode(header, _max_store_bytes)
             if decoded is not None:
-                received = _received(decoded)
+                try:
+                    received = _received(decoded)
+                except Exception:  # decoded values re-encode; never lose a task
+                    _log.exception("asl_gevent.celery: could not re-encode the received "
+                                   "stores; continuations carry none")
                 _restore(decoded)
                 if "p" in decoded:
                     parent = decoded["p"]  # a retry: the first attempt's parent
     # Eager tasks run in a copy of the caller's context: their continuations
     # carry the caller's stores as before (body None).
     _running.set((uuid, received, parent, None if eager else body))
-    task_storage.enter_with({"task_id": uuid, "parent_task_id": parent})
+    task_storage.enter_with({"task_id": _task_id(uuid), "parent_task_id": parent})
     return tracer(uuid, args, kwargs, request, *rest, **options)
 
 

@@ -71,6 +71,13 @@ HOSTILE: List[Tuple[str, Any, Any, Any]] = [
                            "p": {"evil": 1}, "s": {"tenant": "acme"}}), None, "acme"),
     ("shapes", '{"r":"req-str","s":[1],"p":7}', None, None),
     ("no-id", '{"r":{"user":"u"},"s":{"tenant":"t2"}}', None, "t2"),
+    # An unterminated string of escaped quotes at the header limit: ~3 minutes
+    # of quadratic string stripping per message before 0.3's second review.
+    ("escaped-quotes", '"' + '\\"' * (header_limit(16384) // 2 - 1), None, None),
+    # A forged client_request_id beside a valid id: the id alone comes back.
+    ("forged-client", json.dumps({"r": {"request_id": "req-fc", "client_request_id":
+                                        "x\nCRITICAL forged", "user": "u"},
+                                  "s": {"tenant": "t3"}}), {"request_id": "req-fc"}, "t3"),
 ]
 
 
@@ -83,6 +90,8 @@ def _publish_hostile(app: Any) -> List[Tuple[str, Any, Any, Any]]:
         sent.append(("celery-parent", probe.clone(("celery-parent",)).apply_async(
             headers={"parent_id": {"evil": 1}, HEADER: '{"r":{"request_id":"req-ok"}}'}),
             {"request_id": "req-ok"}, None))
+        sent.append(("celery-parent-forged", probe.clone(("celery-parent-forged",)).apply_async(
+            headers={"parent_id": "p\nCRITICAL forged"}), None, None))
         return sent
 
 
@@ -115,7 +124,7 @@ def test_a_hostile_header_never_crashes_hangs_or_loses_a_task(
     for cause in ("nests more than 66 levels", "not valid JSON", "characters, over 262144",
                   "header that is a JSON list", "of type 'dict', not a str",
                   "dropping a request store", "dropping a parent task id",
-                  "dropping named stores"):
+                  "dropping named stores", "dropping keys of a request store"):
         count = output.count(cause)
         assert 1 <= count <= processes, (cause, count, output[-3000:])
     assert "Unrecoverable error" not in output and "Traceback" not in output, output[-3000:]
@@ -141,7 +150,7 @@ def test_a_store_that_cannot_travel_is_left_out_alone(
     """Named stores holding a lone surrogate, a cycle, a non-JSON object, 5 MB,
     or 960 levels of nesting are each left out with one warning (however
     often published); the request store (holding a lone surrogate itself)
-    goes as its id, the good named store goes; the task runs on a real
+    goes as its id alone (with one warning), the good named store goes; the task runs on a real
     worker. On 0.2 the surrogate dropped the whole header with an ERROR
     traceback per publish, and the deep store killed the worker."""
     app = make_app(broker)
@@ -180,7 +189,8 @@ def test_a_store_that_cannot_travel_is_left_out_alone(
     messages = [r.getMessage() for r in ours]
     for kind in bad:
         assert len([m for m in messages if f"'{kind}-{suffix}'" in m]) == 1, (kind, messages)
-    assert len([m for m in messages if "sending only the request id" in m]) == 1, messages
+    assert len([m for m in messages if "sending only request_id and client_request_id" in m]
+               ) == 1, messages
     assert "Traceback" not in output, output
 
 
@@ -309,3 +319,94 @@ def test_continuations_carry_the_stores_their_task_received(
     # The body's own publish: what the body set.
     assert stores(child) == ({"request_id": "LEAK-pp"}, "LEAK-pp")
     assert child["task"] == {"task_id": child_id, "parent_task_id": results["own"].parent.id}
+
+
+# -- 1b. ids that reach log lines (second review: F2, F3, F4, F5) -------------------
+
+def _log_one_task(uuid_: Any, request: Dict[str, Any], *,
+                  encoding: str = "utf-8") -> Tuple[str, Any, Any]:
+    """Run a task through the real wrapped tracer (asl_gevent.celery's
+    _run_task) with *request* as Celery passes it; the body logs one line
+    through the two StoreFilters the docs recommend, into a *encoding*
+    stream. Returns (what the handler wrote, the task store, the request store)."""
+    import io
+    from asl_gevent.logfilter import StoreFilter
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding=encoding, write_through=True)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(
+        "%(levelname)s [req=%(request_id)s client=%(client_request_id)s task=%(task_id)s "
+        "parent=%(parent_task_id)s] %(message)s"))
+    handler.addFilter(StoreFilter(fields=("request_id", "client_request_id")))
+    handler.addFilter(StoreFilter(asl_gevent.celery.task_storage,
+                                  fields=("task_id", "parent_task_id")))
+    log = logging.getLogger(f"test-boundary-{uuid.uuid4().hex}")
+    log.addHandler(handler)
+    log.propagate = False
+    seen: Dict[str, Any] = {}
+
+    def tracer(task_id: Any, args: Any, kwargs: Any, request: Any = None, *rest: Any,
+               **options: Any) -> None:
+        seen["task"] = asl_gevent.celery.task_storage.get_store()
+        seen["request"] = request_storage.get_store()
+        log.warning("task body ran")
+
+    asl_gevent.celery._wrap_tracer(tracer)(uuid_, (), {}, request)
+    return raw.getvalue().decode(encoding), seen["task"], seen["request"]
+
+
+FORGE = "x\nCRITICAL [req=admin] forged line"
+
+
+@pytest.mark.parametrize("uuid_,request_,task,req", [
+    # F2: a valid request_id beside a forged client_request_id.
+    ("t1", {HEADER: json.dumps({"r": {"request_id": "ok-1", "client_request_id": FORGE}})},
+     {"task_id": "t1", "parent_task_id": None}, {"request_id": "ok-1"}),
+    # F3: Celery's own parent_id header, and the message id itself.
+    ("t2", {"parent_id": FORGE}, {"task_id": "t2", "parent_task_id": None}, None),
+    (FORGE, {}, {"task_id": None, "parent_task_id": None}, None),
+    ("t3", {"parent_id": "p\u2028CRITICAL forged"}, {"task_id": "t3", "parent_task_id": None},
+     None),
+    # F4: our "p" with U+2028.
+    ("t4", {HEADER: json.dumps({"p": "x\u2028CRITICAL forged"})},
+     {"task_id": "t4", "parent_task_id": None}, None),
+    # What a real publisher sends still comes through.
+    ("t5", {"parent_id": "parent-1", HEADER: json.dumps(
+        {"r": {"request_id": "ok-5", "client_request_id": "c-5"}})},
+     {"task_id": "t5", "parent_task_id": "parent-1"},
+     {"request_id": "ok-5", "client_request_id": "c-5"}),
+], ids=["client-request-id", "celery-parent-id", "task-id", "parent-u2028", "p-u2028", "fine"])
+def test_broker_ids_cannot_forge_log_lines(uuid_: str, request_: Dict[str, Any], task: Any,
+                                           req: Any) -> None:
+    """The task runs and logs exactly one line; a forged id is None (shown
+    as the filter's default), never written into the line."""
+    output, task_store, request_store = _log_one_task(uuid_, request_)
+    assert (task_store, request_store) == (task, req)
+    assert output.count("\n") == 1 and output.startswith("WARNING [req="), output
+    assert "CRITICAL" not in output and "\u2028" not in output
+
+
+@pytest.mark.parametrize("request_", [
+    {HEADER: '{"p":"\\udfff"}'}, {"parent_id": "\udfff"}, {}],
+    ids=["p", "celery-parent-id", "task-id"])
+def test_a_lone_surrogate_id_does_not_lose_the_task_s_log_line(request_: Dict[str, Any],
+                                                                capsys: Any) -> None:
+    """F4: a UTF-8 handler cannot write a lone surrogate; the record was
+    lost (logging printed a UnicodeEncodeError to stderr)."""
+    uuid_ = "\udfff" if not request_ else "t-sur"
+    output, task_store, _ = _log_one_task(uuid_, request_)
+    assert output.endswith("task body ran\n"), output
+    assert "UnicodeEncodeError" not in capsys.readouterr().err
+    assert task_store["parent_task_id"] is None
+
+
+def test_continuations_re_encode_what_was_received() -> None:
+    """F5: a header with 1e999 is refused (it was restored as inf and sent on
+    to the next link as Infinity, which that worker refused); what is
+    received is re-encoded without NaN/Infinity and decodes again."""
+    from asl_gevent._celery_codec import decode
+    assert decode('{"r":{"request_id":"rid-1"},"s":{"tenant":1e999}}') is None
+    decoded = decode('{"r":{"request_id":"rid-1"},"s":{"tenant":{"n":1.5e308}}}')
+    assert decoded is not None
+    received = asl_gevent.celery._received(decoded)
+    assert received is not None and decode(received) == decoded

@@ -18,7 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asl_gevent import _celery_codec as codec
-from asl_gevent._celery_codec import MAX_DEPTH, decode, encode_store, header_limit, join_header
+from asl_gevent._celery_codec import (MAX_DEPTH, REQUEST_KEYS, decode, encode_store, header_limit,
+                                      join_header, task_id)
+from asl_gevent._ids import is_safe
 
 LIMIT = 16384
 # One decode of anything up to the header limit (256 KiB) takes a few ms
@@ -55,13 +57,28 @@ def hostile_texts() -> st.SearchStrategy[str]:
     fragments = st.sampled_from([
         "{", "}", "[", "]", '"', "\\", ":", ",", '"r":', '"s":', '"p":', '"request_id":',
         '"req-1"', "null", "1", "-0.5e9", "NaN", "Infinity", "\\ud800", '"\\"', " ", "\x00",
-        "\r\n", "é", "\udcff", "9" * 50])
+        "\r\n", "é", "\udcff", "9" * 50, '\\"', "1e999", "\u2028"])
     run = st.tuples(fragments, st.integers(1, 3000)).map(lambda t: t[0] * t[1])
     return st.lists(fragments | run, max_size=30).map("".join)
 
 
+def worst_case_texts() -> st.SearchStrategy[str]:
+    """The shapes that were superlinear, up to the header limit: an
+    unterminated string of escaped quotes (quadratic string stripping) and
+    runs of digits just under and over the 4,300-digit limit."""
+    limit = header_limit(LIMIT)
+    escapes = st.tuples(st.sampled_from(['"', '{"s":{"t":"', "["]), st.integers(0, limit // 2 - 8),
+                        st.sampled_from(['\\"', '\\\\', '"\\"'])).map(
+        lambda t: (t[0] + t[2] * t[1])[:limit])
+    digits = st.tuples(st.integers(4290, 4310), st.sampled_from([",", " ", "[", '"']),
+                       st.integers(1, 60)).map(
+        lambda t: ("[" + ("1" * t[0] + t[1]) * t[2])[:limit])
+    return escapes | digits
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(hostile_texts(), st.text(), json_values.map(json.dumps), json_values))
+@given(st.one_of(hostile_texts(), worst_case_texts(), st.text(), json_values.map(json.dumps),
+                 json_values))
 def test_decode_never_raises_and_is_bounded(header: Any) -> None:
     """Whatever the header holds (text or not, JSON or not), decode returns
     None or a dict of checked parts, within the time bound."""
@@ -71,10 +88,14 @@ def test_decode_never_raises_and_is_bounded(header: Any) -> None:
         assert set(result) <= {"r", "s", "p"}
         if "r" in result:
             assert codec._ID_RE.fullmatch(result["r"]["request_id"])
+            assert set(result["r"]) <= set(REQUEST_KEYS)
+            assert all(is_safe(value) for value in result["r"].values())
         if "s" in result:
             assert isinstance(result["s"], dict)
+            # Re-encodable for continuations: finite, no lone surrogates.
+            json.dumps(result["s"], ensure_ascii=False, allow_nan=False).encode("utf-8")
         if "p" in result:
-            assert result["p"] is None or isinstance(result["p"], str)
+            assert result["p"] is None or task_id(result["p"]) == result["p"]
 
 
 @settings(max_examples=200, deadline=None)
@@ -85,9 +106,9 @@ def test_what_the_encoder_sends_the_decoder_restores(named: Any, request_id: str
     (tuples come back as lists, as JSON does)."""
     texts = [(name, encode_store(store, LIMIT)[0]) for name, store in named.items()]
     assert all(text is not None for _, text in texts)
-    request_text = encode_store({"request_id": request_id, "user": "u"}, LIMIT)[0]
+    request_text = encode_store({"request_id": request_id, "client_request_id": "c-1"}, LIMIT)[0]
     header = join_header(request_text, [(n, t) for n, t in texts if t is not None], "pid", True)
-    expected = {"r": {"request_id": request_id, "user": "u"}, "p": "pid"}
+    expected = {"r": {"request_id": request_id, "client_request_id": "c-1"}, "p": "pid"}
     if named:
         expected["s"] = json.loads(json.dumps(named))
     assert timed_decode(header) == expected
@@ -226,3 +247,110 @@ def test_the_size_bound_is_exact(store: Any) -> None:
     size = len(text.encode("utf-8"))
     assert encode_store(store, size) == (text, "")
     assert encode_store(store, size - 1)[0] is None
+
+
+# -- the second review (F1-F5) -------------------------------------------------
+
+def _best_of(header: str, rounds: int = 3) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        decode(header, LIMIT)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _legit(size: int) -> str:
+    """A header a publisher sends, *size* characters: many short strings with
+    escapes and numbers, the most work per character for a valid header."""
+    item = '"a\\"b",1234567,'
+    body = item * ((size - 40) // len(item))
+    return ('{"r":{"request_id":"req-1"},"s":{"t":[' + body + '0]}}')
+
+
+WORST = {
+    "escaped-quotes": lambda n: '"' + '\\"' * ((n - 1) // 2),
+    "escaped-quotes-in-store": lambda n: '{"s":{"t":"' + '\\"' * ((n - 11) // 2),
+    "backslashes": lambda n: '"' + "\\" * (n - 1),
+    "quotes": lambda n: '"' * n,
+    "digit-runs": lambda n: "[" + ("1" * 4300 + ",") * ((n - 1) // 4301),
+    "one-long-digit-run": lambda n: "[" + "1" * (n - 1),
+}
+
+
+@pytest.mark.parametrize("shape", list(WORST))
+def test_worst_case_headers_decode_in_linear_time(shape: str) -> None:
+    """F1: string stripping and the long-number check are linear. Each shape
+    at 16 K, 64 K and the 262,144-character limit decodes in no more than 10x
+    a legitimate header of the same size (a ratio: robust on a loaded
+    machine). Measured here: every shape <= 15 ms at the limit, the
+    legitimate header ~10 ms; the first string pattern took 0.68 s at 16 K
+    and ~181 s at the limit for "escaped-quotes" (quadratic), holding the GIL."""
+    limit = header_limit(LIMIT)
+    for size in (16_384, 65_536, limit):
+        header = WORST[shape](size)
+        assert len(header) <= limit
+        assert decode(header, LIMIT) is None
+        worst, legit = _best_of(header), _best_of(_legit(size))
+        assert worst < max(10 * legit, 0.005), (shape, size, worst, legit)
+    assert worst < 0.2
+
+
+def test_request_store_keeps_only_its_checked_ids(caplog: pytest.LogCaptureFixture) -> None:
+    """F2: of the request store only request_id and client_request_id come
+    back, each passing the id rule; a forged client_request_id (which a
+    StoreFilter would write into log lines) and other keys are dropped, with
+    one warning."""
+    forged = json.dumps({"r": {"request_id": "req-1", "client_request_id": "x\nCRITICAL forged",
+                               "user": "u", "request_id_": "y"}})
+    with caplog.at_level(logging.WARNING, "asl_gevent.celery"):
+        assert decode(forged, LIMIT) == {"r": {"request_id": "req-1"}}
+        assert decode(forged, LIMIT) == {"r": {"request_id": "req-1"}}
+    assert decode('{"r":{"request_id":"req-1","client_request_id":"c-9"}}', LIMIT) == {
+        "r": {"request_id": "req-1", "client_request_id": "c-9"}}
+    assert decode('{"r":{"request_id":"req-1","client_request_id":7}}', LIMIT) == {
+        "r": {"request_id": "req-1"}}
+    assert [r.getMessage() for r in caplog.records] == [
+        "asl_gevent.celery: dropping keys of a request store other than a valid request_id "
+        "and client_request_id: ['client_request_id', 'request_id_', 'user']; warned once "
+        "per cause"]
+
+
+@pytest.mark.parametrize("value", [
+    "x\nCRITICAL forged", "a\rb", "a\x00b", "a\x7fb", "a\x85b", "a\u2028b", "a\u2029b",
+    "\ud800", "a\udfffb", "", "x" * 256, 7, ["a"], {"a": 1}])
+def test_task_ids_refuse_log_breaks_and_lone_surrogates(value: Any) -> None:
+    """F3/F4: one rule for the task id, Celery's parent_id and our "p": no
+    C0/C1/DEL, no U+2028/U+2029, no lone surrogate, 1 to 255 characters."""
+    assert task_id(value) is None
+    if isinstance(value, str):
+        assert decode(json.dumps({"p": value}), LIMIT) == {}
+
+
+def test_task_ids_accept_what_celery_makes() -> None:
+    for value in ("d3b07384-d9a7-4f6c-9a2b-1c2d3e4f5a6b", "x" * 255, "retry é 1", "\U0001f600"):
+        assert task_id(value) == value
+        assert decode(json.dumps({"p": value}), LIMIT) == {"p": value}
+
+
+def test_named_stores_with_lone_surrogates_are_dropped_alone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """F4: a lone surrogate (in a value, a key or the store's name) cannot be
+    re-encoded for continuations nor written by a UTF-8 log handler: that
+    store is dropped, the others kept; control characters are app data."""
+    header = ('{"s":{"bad":"\\udfff","bad-key":{"\\ud800":1},"\\udc00":1,'
+              '"pair":"\\ud83d\\ude00","ctl":"a\\nb"}}')
+    with caplog.at_level(logging.WARNING, "asl_gevent.celery"):
+        assert decode(header, LIMIT) == {"s": {"pair": "\U0001f600", "ctl": "a\nb"}}
+    assert len(caplog.records) == 1
+    # A raw (unescaped) lone surrogate, as a broker client may deliver one.
+    assert decode('{"s":{"t":"\udfff","u":1}}', LIMIT) == {"s": {"u": 1}}
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e400", "1" * 400 + ".0", "1e309"])
+def test_non_finite_numbers_are_refused(number: str) -> None:
+    """F5: json.loads makes inf of these; re-encoded for a continuation it
+    became ``Infinity``, which the next worker refused (losing the id for
+    later chain links). Now the header is refused like NaN."""
+    assert decode('{"r":{"request_id":"rid-1"},"s":{"t":' + number + "}}", LIMIT) is None
+    assert decode('{"s":{"t":1e308,"u":-2.5e-300}}', LIMIT) == {"s": {"t": 1e308, "u": -2.5e-300}}
