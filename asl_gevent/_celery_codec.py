@@ -18,9 +18,9 @@ what is not UTF-8 (lone surrogates) instead of raising.
 :func:`decode` checks size and nesting before :func:`json.loads` runs (a
 deep text would raise :class:`RecursionError`, a long number cost quadratic
 time on Python 3.10), catches every error, warns once per cause, and keeps
-only what has the declared shape: of a request store, ``request_id`` and
-``client_request_id`` if each passes the checks an incoming ``X-Request-ID``
-passes (``request_id`` must); named stores as a JSON object, each without a
+only what has the declared shape: a request store whose ``request_id``
+passes the checks an incoming ``X-Request-ID`` passes, without a
+``client_request_id`` that does not; named stores as a JSON object, each without a
 lone surrogate; a parent id that passes :func:`task_id` or is ``None``.
 Numbers are finite. The checks before decoding are linear in the header's
 length whatever it holds.
@@ -56,8 +56,8 @@ MAX_DEPTH = 64
 
 DEFAULT_MAX_STORE_BYTES = 16384
 
-#: The keys of a request store that travel (the middleware's default store);
-#: each must pass the id rule (:func:`asl_gevent._ids.is_safe`).
+#: The keys of a request store that StoreFilter writes into log lines by
+#: default; each must pass the id rule (:func:`asl_gevent._ids.is_safe`).
 REQUEST_KEYS = ("request_id", "client_request_id")
 
 # CPython 3.11's default int_max_str_digits: a longer number cannot be
@@ -260,8 +260,8 @@ def decode(header: object, max_store_bytes: int = DEFAULT_MAX_STORE_BYTES
     :returns: ``None`` when the header is unusable (not a str, too long, too
         deep, not JSON, a non-finite number, not an object): the task then
         runs with no stores from it. Else a dict with the keys that passed
-        their checks: ``"r"`` (a dict of a valid ``"request_id"`` and maybe
-        a valid ``"client_request_id"``), ``"s"`` (a dict of name to store,
+        their checks: ``"r"`` (a dict with a valid ``"request_id"``, and
+        a ``"client_request_id"`` only if valid), ``"s"`` (a dict of name to store,
         without stores holding lone surrogates), ``"p"`` (a str passing
         :func:`task_id`, or ``None``). A part that fails is
         dropped alone. Each cause is warned about once per process.
@@ -324,21 +324,23 @@ def _decode(header: object, max_store_bytes: int) -> Optional[Dict[str, Any]]:
     return result
 
 
-def _request_store(store: object) -> Optional[Dict[str, str]]:
-    """The request store's :data:`REQUEST_KEYS` that pass the id rule, or
-    ``None`` when its ``request_id`` does not. Other keys are dropped: the
-    publisher sends no others, and a forged ``client_request_id`` would
-    reach log lines through :class:`~asl_gevent.logfilter.StoreFilter`."""
+def _request_store(store: object) -> Optional[Dict[str, Any]]:
+    """The request store, or ``None`` when its ``request_id`` does not pass
+    the id rule. A ``client_request_id`` that does not pass it either is
+    dropped alone: :class:`~asl_gevent.logfilter.StoreFilter` writes both
+    into log lines, so neither may hold a line break. Other keys are the
+    app's JSON values (as named stores are) and come back as sent."""
     if not (isinstance(store, dict) and _is_safe(store.get("request_id"))):
         _warn_once("request", "dropping a request store that is not "
                    "{\"request_id\": <a valid X-Request-ID>, ...}: %.80r", store)
         return None
-    kept = {key: store[key] for key in REQUEST_KEYS if key in store and _is_safe(store[key])}
-    if len(kept) != len(store):
-        _warn_once("request-keys", "dropping keys of a request store other than a valid "
-                   "request_id and client_request_id: %.80r",
-                   sorted(key for key in store if key not in kept)[:8])
-    return kept
+    if REQUEST_KEYS[1] in store and not _is_safe(store[REQUEST_KEYS[1]]):
+        _warn_once("request-keys", "dropping a client_request_id that is not a valid "
+                   "X-Request-ID: %.80r", store[REQUEST_KEYS[1]])
+        store = {key: value for key, value in store.items() if key != REQUEST_KEYS[1]}
+    if not _is_text("request", store):  # a lone surrogate: its ids alone
+        store = {key: store[key] for key in REQUEST_KEYS if key in store}
+    return store
 
 
 def _is_text(name: str, store: object) -> bool:

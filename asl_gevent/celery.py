@@ -20,11 +20,11 @@ than ``max_store_bytes`` once encoded is left out with one warning per
 storage, and the other stores and the request id still go; the publish never
 fails because of a store. A store over the limit is refused after work
 bounded by ``max_store_bytes``, never encoded whole (a 5 MB store costs
-what a 16 KB one does). The request's store travels as its ids only,
-``{"request_id": ..., "client_request_id": ...}`` (the second if present and
-valid; a store with other keys is sent so with one warning), and only if its
+what a 16 KB one does). The request's store travels only if its
 ``request_id`` would pass as an incoming ``X-Request-ID`` (workers drop it
-otherwise).
+otherwise); if it cannot be encoded, its ids alone are sent,
+``{"request_id": ..., "client_request_id": ...}`` (the second if present and
+valid).
 The header stays within ``16 * max_store_bytes`` characters (what a worker
 reads): a named store that would take it past that is left out too.
 
@@ -40,8 +40,7 @@ Running, in the worker: each task runs in its own copy of the worker's
 context, on every pool (``prefork``, ``solo``, ``threads``, ``gevent``), with
 
 - the published stores restored, as stores of the storages of the same names
-  (JSON values: a dict store comes back as an equal dict, a tuple as a list;
-  the request's store as its ids);
+  (JSON values: a dict store comes back as an equal dict, a tuple as a list);
 - :data:`task_storage` holding ``{"task_id": ..., "parent_task_id": ...}``
   (the parent is the task that published this one, ``None`` for a task
   published outside a task; a retry keeps its ``task_id``).
@@ -58,9 +57,9 @@ received, as a retry does. Tasks run eagerly (``apply()``,
 The header comes from the broker, so from anyone who can publish there: the
 worker reads it within bounds fixed before decoding (``16 *
 max_store_bytes`` characters, 66 levels of nesting), catches every error,
-and keeps only what has the declared shape (a request store's
-``request_id`` and ``client_request_id`` that pass ``X-Request-ID``'s
-checks, named stores as a JSON object without lone surrogates, finite
+and keeps only what has the declared shape (a request store whose
+``request_id`` passes ``X-Request-ID``'s checks, its ``client_request_id``
+only if it does too, named stores as a JSON object without lone surrogates, finite
 numbers). The task id and parent task id that enter :data:`task_storage`
 are ``None`` unless they are 1 to 255 characters without control
 characters, U+2028/U+2029 or lone surrogates, so they cannot forge log
@@ -83,7 +82,7 @@ task's context too.
 .. versionadded:: 0.2
 .. versionchanged:: 0.3
    The worker checks the header (bounded, never raises) and the task
-   ids; the request's store travels as its ids only; a store that
+   ids; a store that
    cannot travel is left out alone without being encoded whole;
    continuations carry the stores their task received.
 """
@@ -280,19 +279,17 @@ def _payload() -> Optional[str]:
                        "request_id %.80r is not a valid X-Request-ID, so workers would "
                        "drop it; warned once", request_id)
         else:
-            # Only the ids travel (what the worker restores): the middleware's
-            # store holds nothing else, and a worker drops other keys.
-            ids = {"request_id": request_id}
-            client_id = _client_id_of(store)
-            if client_id is not None:
-                ids["client_request_id"] = client_id
-            if not isinstance(store, Mapping) or set(store) - set(REQUEST_KEYS) or (
-                    client_id is None and store.get(REQUEST_KEYS[1]) is not None):
-                _warn_once("\0request:extra", "sending only request_id and client_request_id "
-                           "(if a valid id) of the request store to Celery tasks: workers "
-                           "restore no other key; carry other data in a named storage; "
-                           "warned once")
-            request_text = json.dumps(ids, separators=(",", ":"))
+            text, why = encode_store(store, limit)
+            if text is None:
+                # The ids alone: what a worker needs, and always encodable.
+                ids = {"request_id": request_id}
+                client_id = _client_id_of(store)
+                if client_id is not None:
+                    ids["client_request_id"] = client_id
+                _warn_once("\0request:unencodable", "sending only the ids of the request store "
+                           "to Celery tasks: %s; warned once", why)
+                text = json.dumps(ids, separators=(",", ":"))
+            request_text = text
             room -= len(request_text) + 5
     named: List[Tuple[str, str]] = []
     sent: Set[str] = set()

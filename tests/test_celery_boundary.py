@@ -74,10 +74,10 @@ HOSTILE: List[Tuple[str, Any, Any, Any]] = [
     # An unterminated string of escaped quotes at the header limit: ~3 minutes
     # of quadratic string stripping per message before 0.3's second review.
     ("escaped-quotes", '"' + '\\"' * (header_limit(16384) // 2 - 1), None, None),
-    # A forged client_request_id beside a valid id: the id alone comes back.
+    # A forged client_request_id beside a valid id: dropped alone.
     ("forged-client", json.dumps({"r": {"request_id": "req-fc", "client_request_id":
                                         "x\nCRITICAL forged", "user": "u"},
-                                  "s": {"tenant": "t3"}}), {"request_id": "req-fc"}, "t3"),
+                                  "s": {"tenant": "t3"}}), {"request_id": "req-fc", "user": "u"}, "t3"),
 ]
 
 
@@ -124,7 +124,7 @@ def test_a_hostile_header_never_crashes_hangs_or_loses_a_task(
     for cause in ("nests more than 66 levels", "not valid JSON", "characters, over 262144",
                   "header that is a JSON list", "of type 'dict', not a str",
                   "dropping a request store", "dropping a parent task id",
-                  "dropping named stores", "dropping keys of a request store"):
+                  "dropping named stores", "dropping a client_request_id"):
         count = output.count(cause)
         assert 1 <= count <= processes, (cause, count, output[-3000:])
     assert "Unrecoverable error" not in output and "Traceback" not in output, output[-3000:]
@@ -189,7 +189,7 @@ def test_a_store_that_cannot_travel_is_left_out_alone(
     messages = [r.getMessage() for r in ours]
     for kind in bad:
         assert len([m for m in messages if f"'{kind}-{suffix}'" in m]) == 1, (kind, messages)
-    assert len([m for m in messages if "sending only request_id and client_request_id" in m]
+    assert len([m for m in messages if "sending only the ids of the request store" in m]
                ) == 1, messages
     assert "Traceback" not in output, output
 
