@@ -36,14 +36,23 @@ UWSGI = shutil.which("uwsgi", path=os.path.dirname(sys.executable)) or shutil.wh
 
 
 def _get(port: int) -> Tuple[str, int]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-    try:
-        conn.request("GET", "/")
-        response = conn.getresponse()
-        body = response.read().decode()
-        assert response.status == 200, body
-    finally:
-        conn.close()
+    """One request on a fresh connection. A worker that recycles under load
+    may reset a connection it accepted but never served (gunicorn 23's
+    gthread worker does): that request produced no id, so it is sent again,
+    at most 3 times."""
+    for attempt in range(3):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            body = response.read().decode()
+            assert response.status == 200, body
+            break
+        except (ConnectionResetError, http.client.RemoteDisconnected):
+            if attempt == 2:
+                raise
+        finally:
+            conn.close()
     request_id, pid = body.split()
     return request_id, int(pid)
 
