@@ -127,9 +127,11 @@ def _assert_unique(seen: List[Tuple[str, int]], n: int, min_pids: int) -> None:
 @pytest.mark.skipif(UWSGI is None, reason="needs pyuwsgi's uwsgi binary (test extra)")
 @pytest.mark.parametrize("mode", [
     # uWSGI 2.0.30 recycles no worker younger than --min-worker-lifetime (10 s).
-    ["--max-requests", "100", "--min-worker-lifetime", "0"],   # preforked from C, recycled
-    ["--lazy-apps", "--max-requests", "100", "--min-worker-lifetime", "0"],  # imports per worker
-    ["--gevent", "20", "--max-requests", "100", "--min-worker-lifetime", "0"],  # async cores
+    # 400, not fewer: a master that respawns workers often sleeps 2 s ("worker
+    # respawning too fast"); 2,000 requests still see 2 recycles per worker.
+    ["--max-requests", "400", "--min-worker-lifetime", "0"],   # preforked from C, recycled
+    ["--lazy-apps", "--max-requests", "400", "--min-worker-lifetime", "0"],  # imports per worker
+    ["--gevent", "20", "--max-requests", "400", "--min-worker-lifetime", "0"],  # async cores
     ["--threads", "4"],                                # threads in each worker
 ], ids=["prefork", "lazy-apps", "gevent", "threads"])
 def test_uwsgi_workers_never_repeat_generated_ids(tmp_path: Path, mode: List[str]) -> None:
