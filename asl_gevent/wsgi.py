@@ -643,7 +643,7 @@ def _check_incoming_baggage(baggage: Any, own: AsyncLocalStorage[Any],
     """Validate the middleware's ``baggage=``: storages or ``(storage, shape)``
     pairs, never the middleware's own storage; return ``(storage, shape)`` pairs."""
     if isinstance(baggage, (str, AsyncLocalStorage)):
-        return tuple((s, str) for s in _check_baggage(baggage, where))
+        _check_baggage(baggage, where)  # raises: one str or storage is not a sequence of them
     try:
         items = tuple(baggage)
     except TypeError:
