@@ -40,7 +40,6 @@ from itertools import accumulate
 from math import isfinite
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from ._ids import ID_RE as _ID_RE
 from ._ids import is_safe as _is_safe
 
 __all__ = ["MAX_DEPTH", "DEFAULT_MAX_STORE_BYTES", "REQUEST_KEYS", "header_limit", "encode_store",

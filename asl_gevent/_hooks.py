@@ -277,8 +277,9 @@ def _restore(first: int = 0) -> None:
             _state.left[(owner, name)] = current
 
 
-def _wraps_a_hook(value: Any) -> bool:
-    """Whether *value* wraps one of our hooks (by its ``__wrapped__`` chain)."""
+def _wraps_a_hook(value: Any, is_hook: Callable[[Any], bool] = _is_hook) -> bool:
+    """Whether *value* wraps one of our hooks (by its ``__wrapped__`` chain);
+    :mod:`asl_gevent._http_clients` passes its own *is_hook*."""
     for _ in range(32):  # a bound: __wrapped__ chains can be cyclic
         try:
             value = getattr(value, "__wrapped__", None)
@@ -286,7 +287,7 @@ def _wraps_a_hook(value: Any) -> bool:
             return False
         if value is None:
             return False
-        if _is_hook(value):
+        if is_hook(value):
             return True
     return False
 

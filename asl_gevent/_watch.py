@@ -160,9 +160,14 @@ class LeakWatch:
         .. versionchanged:: 0.3 nothing is kept where no gevent hub runs
            (see the module's documentation); one warning says the watch is off.
         """
+        if _hub_runs():
+            self._end_watched(marker)
+        else:
+            marker.ended = time.monotonic()
+
+    def _end_watched(self, marker: _Request) -> None:
+        """:meth:`end`, where a gevent hub is known to run the checker."""
         marker.ended = now = time.monotonic()
-        if not _hub_runs():
-            return
         self._queue.append((now + self.delay, weakref.ref(marker)))
         if _checker is None:
             _start_checker()
@@ -188,16 +193,19 @@ class LeakWatch:
             return app(environ, start_response)
         marker = _Request()
         token = request_marker.set(marker)
+        # Ended right here, in the greenlet just found to run under the hub:
+        # no second _hub_runs(). A streaming response ends on close(), which
+        # may come from elsewhere, so that one asks again (end()).
         try:
             result = app(environ, start_response)
         except BaseException:
-            self.end(marker)
+            self._end_watched(marker)
             raise
         finally:
             request_marker.reset(token)
         if type(result) is streaming:
             return _EndOnClose(result, self, marker)
-        self.end(marker)
+        self._end_watched(marker)
         return result
 
     def __repr__(self) -> str:

@@ -148,16 +148,8 @@ def request_id_from(environ: Mapping[str, Any], header: str = "X-Request-ID") ->
     if not isinstance(header, str):
         raise TypeError(f"request_id_from() argument 'header' must be a str, not "
                         f"{type(header).__name__!r}; e.g. header='X-Request-ID'")
-    return _request_id_from(environ, "HTTP_" + header.upper().replace("-", "_"))
-
-
-def _request_id_from(environ: Mapping[str, Any], key: str) -> str:
-    incoming = environ.get(key)
-    if isinstance(incoming, str):
-        incoming = incoming.strip(" \t")
-        if _ID_RE.fullmatch(incoming) is not None:
-            return incoming
-    return _new_id()
+    # incoming_id() never returns "": an id has at least one character.
+    return _ids.incoming_id(environ, _ids.environ_key(header)) or _new_id()
 
 
 class RequestContextMiddleware:
@@ -311,7 +303,7 @@ class RequestContextMiddleware:
         self.header = header
         self.echo_header = echo_header
         self.store_factory = store_factory
-        self._environ_key = "HTTP_" + header.upper().replace("-", "_")
+        self._environ_key = _ids.environ_key(header)
         self._header_lower = header.lower()
         delay = leak_watch_delay(leak_watch, "RequestContextMiddleware()")
         self._watch = LeakWatch(delay) if delay is not None else None
@@ -346,7 +338,7 @@ class RequestContextMiddleware:
         .. versionchanged:: 0.3 applies *validator*, *generator* and *trust*.
         """
         if not self._policy:
-            return _request_id_from(environ, self._environ_key)
+            return _ids.incoming_id(environ, self._environ_key) or _new_id()
         return self._pick_id(environ)[0]
 
     def _pick_id(self, environ: Mapping[str, Any]) -> Tuple[str, Optional[str]]:
@@ -495,7 +487,7 @@ class RequestContextMiddleware:
             if self._policy:
                 request_id, client_id = self._pick_id(environ)
             else:
-                request_id = _request_id_from(environ, self._environ_key)
+                request_id = _ids.incoming_id(environ, self._environ_key) or _new_id()
             store: Any = ({"request_id": request_id} if client_id is None
                           else {"request_id": request_id, "client_request_id": client_id})
         else:
@@ -651,7 +643,7 @@ def _check_incoming_baggage(baggage: Any, own: AsyncLocalStorage[Any],
     """Validate the middleware's ``baggage=``: storages or ``(storage, shape)``
     pairs, never the middleware's own storage; return ``(storage, shape)`` pairs."""
     if isinstance(baggage, (str, AsyncLocalStorage)):
-        return tuple((s, str) for s in _check_baggage(baggage, where))
+        _check_baggage(baggage, where)  # raises: one str or storage is not a sequence of them
     try:
         items = tuple(baggage)
     except TypeError:

@@ -48,6 +48,25 @@ def run_python(source: str, *, timeout: float = 120, args: tuple[str, ...] = (),
     return proc
 
 
+def server_env(**extra: str) -> dict[str, str]:
+    """The environment for a server under test: ours plus *extra*, with the
+    repository and ``tests/`` first on ``PYTHONPATH`` (the server imports
+    the package and the tests' apps from there)."""
+    return dict(os.environ, **extra, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
+
+
+def stop_by_pid(proc: subprocess.Popen[bytes], stop: int, timeout: float) -> None:
+    """Send *stop* to *proc* by its pid and wait *timeout* seconds for it to
+    exit; SIGKILL it if it lingers."""
+    proc.send_signal(stop)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
 def free_port() -> int:
     """An ephemeral loopback port that was free a moment ago."""
     with socket.socket() as s:

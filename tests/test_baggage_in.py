@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import tracemalloc
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import pytest
 from hypothesis import given, settings

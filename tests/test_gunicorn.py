@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -21,13 +20,13 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import gevent
 import gevent.socket
 import pytest
 
-from helpers import ROOT, free_port, gunicorn_no_control_socket
+from helpers import ROOT, free_port, gunicorn_no_control_socket, server_env, stop_by_pid
 
 WORKER = "asl_gevent.gunicorn.GeventWorker"
 PYWSGI_WORKER = "asl_gevent.gunicorn.GeventPyWSGIWorker"
@@ -92,9 +91,7 @@ def gunicorn(tmp_path: Path, *, worker: str, app: str, workers: int = 2,
     port = free_port()
     log_dir = tmp_path / "logs"
     log_dir.mkdir(exist_ok=True)
-    env = dict(os.environ, ASL_TEST_LOG_DIR=str(log_dir), **(env or {}),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"),
-                                                        os.environ.get("PYTHONPATH")])))
+    env = server_env(ASL_TEST_LOG_DIR=str(log_dir), **(env or {}))
     command = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", str(workers),
                "-b", f"127.0.0.1:{port}", "--chdir", str(ROOT), *gunicorn_no_control_socket(),
                "--keep-alive", "10", "--graceful-timeout", "5", "--log-level", "warning"]
@@ -104,38 +101,38 @@ def gunicorn(tmp_path: Path, *, worker: str, app: str, workers: int = 2,
     proc = subprocess.Popen([*command, app], cwd=str(ROOT), env=env,
                             stdout=output, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(proc, port, tmp_path / "gunicorn.out")
+        wait_answering(proc, [port], tmp_path / "gunicorn.out", "gunicorn")
         yield port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_by_pid(proc, signal.SIGTERM, timeout=15)
         output.close()
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], port: int, output: Path,
-                timeout: float = 30) -> None:
-    """Poll until a request is answered (bounded); fail with gunicorn's output."""
+def wait_answering(proc: subprocess.Popen[bytes], ports: Iterable[int], output: Path,
+                   server: str, timeout: float = 30) -> None:
+    """Poll ``/peek`` on each of *ports* until every one answers 200 (bounded
+    by *timeout*); fail with the *server*'s *output* if one never does."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    pending = set(ports)
+    while pending and time.monotonic() < deadline:
         if proc.poll() is not None:
             break
-        try:
-            conn = HTTPConnection(port, timeout=2)
+        for port in sorted(pending):
             try:
-                status, _, _ = conn.request("/peek", {"X-Request-ID": "ready"}, close=True)
-            finally:
-                conn.close()
-            if status == 200:
-                return
-        except OSError:
-            pass
-        gevent.sleep(0.1)
-    pytest.fail(f"gunicorn not ready (exit code {proc.poll()}):\n"
-                f"{output.read_text(errors='replace')}")
+                conn = HTTPConnection(port, timeout=2)
+                try:
+                    status, _, _ = conn.request("/peek", {"X-Request-ID": "ready"}, close=True)
+                finally:
+                    conn.close()
+                if status == 200:
+                    pending.discard(port)
+            except OSError:
+                pass
+        if pending:
+            gevent.sleep(0.1)
+    if pending:
+        pytest.fail(f"{server} not ready (exit code {proc.poll()}):\n"
+                    f"{output.read_text(errors='replace')}")
 
 
 def _read_logs(tmp_path: Path) -> List[str]:

@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import pytest
 
-from helpers import ROOT, free_port, run_python
+from helpers import ROOT, free_port, run_python, server_env, stop_by_pid
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 UWSGI = shutil.which("uwsgi", path=os.path.dirname(sys.executable)) or shutil.which("uwsgi")
@@ -96,22 +96,15 @@ def _wait_ready(port: int, proc: "subprocess.Popen[bytes]", output: Path,
 @contextlib.contextmanager
 def _server(command: Sequence[str], tmp_path: Path, port: int,
             stop: signal.Signals) -> Iterator[None]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
     output_path = tmp_path / "server.out"
     with open(output_path, "wb") as output:
-        proc = subprocess.Popen(list(command), cwd=str(ROOT), env=env,
+        proc = subprocess.Popen(list(command), cwd=str(ROOT), env=server_env(),
                                 stdout=output, stderr=subprocess.STDOUT)
         try:
             _wait_ready(port, proc, output_path)
             yield
         finally:
-            proc.send_signal(stop)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            stop_by_pid(proc, stop, timeout=20)
 
 
 def _assert_unique(seen: List[Tuple[str, int]], n: int, min_pids: int) -> None:

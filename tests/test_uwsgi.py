@@ -41,8 +41,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import gevent
 import pytest
 
-from helpers import ROOT, free_port
-from test_gunicorn import HTTPConnection
+from helpers import ROOT, free_port, server_env, stop_by_pid
+from test_gunicorn import HTTPConnection, wait_answering
 
 UWSGI = shutil.which("uwsgi", path=os.path.dirname(sys.executable))
 pytestmark = pytest.mark.skipif(UWSGI is None, reason="pyuwsgi is not installed (test extra)")
@@ -83,9 +83,7 @@ def uwsgi(tmp_path: Path, *, callable_: str, patch: str, max_requests: Optional[
     socket_port, router_port, backend_port = free_port(), free_port(), free_port()
     log_dir = tmp_path / "logs"
     log_dir.mkdir(exist_ok=True)
-    full_env = dict(os.environ, ASL_TEST_LOG_DIR=str(log_dir), **(env or {}),
-                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"),
-                                                             os.environ.get("PYTHONPATH")])))
+    full_env = server_env(ASL_TEST_LOG_DIR=str(log_dir), **(env or {}))
     command = [UWSGI, "--master", "--processes", str(PROCESSES), "--gevent", str(CORES),
                "--http-socket", f"127.0.0.1:{socket_port}",
                "--socket", f"127.0.0.1:{backend_port}",
@@ -107,39 +105,11 @@ def uwsgi(tmp_path: Path, *, callable_: str, patch: str, max_requests: Optional[
                                 stderr=subprocess.STDOUT)
     server = UWSGI_(proc, socket_port, router_port, output)
     try:
-        _wait_ready(server)
+        wait_answering(proc, [socket_port, router_port], output, "uWSGI")
         yield server
     finally:
         # SIGTERM would make the master reload; SIGINT stops it and its workers.
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
-def _wait_ready(server: UWSGI_, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    pending = {server.socket_port, server.router_port}
-    while pending and time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            break
-        for port in sorted(pending):
-            try:
-                conn = HTTPConnection(port, timeout=2)
-                try:
-                    status, _, _ = conn.request("/peek", {"X-Request-ID": "ready"}, close=True)
-                finally:
-                    conn.close()
-                if status == 200:
-                    pending.discard(port)
-            except OSError:
-                pass
-        gevent.sleep(0.1)
-    if pending:
-        pytest.fail(f"uWSGI not ready (exit code {server.proc.poll()}):\n"
-                    f"{server.output.read_text(errors='replace')}")
+        stop_by_pid(proc, signal.SIGINT, timeout=20)
 
 
 Result = Tuple[str, str, int, Dict[str, str], bytes]  # (path, sent id or "", status, headers, body)

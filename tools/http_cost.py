@@ -20,12 +20,13 @@ ratio is on / off. Needs valgrind.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+
+import _callgrind  # tools/, first on sys.path when a tool runs
 
 CLIENTS = ["requests.get", "Session.get", "urllib3", "urllib.request", "httpx"]
 COUNTS = (100, 300)
@@ -88,15 +89,8 @@ WSGIServer(listener, app, log=None).serve_forever()
 
 
 def instructions(client: str, variant: str, port: int, count: int) -> int:
-    proc = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-         sys.executable, __file__, "--call", client, variant, str(port), str(count)],
-        capture_output=True, text=True, timeout=1800,
-        env=dict(os.environ, PYTHONHASHSEED="0"))
-    match = re.search(r"Collected : (\d+)", proc.stderr)
-    if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"{client} {variant} {count} failed:\n{proc.stderr[-2000:]}")
-    return int(match.group(1))
+    return _callgrind.instructions([__file__, "--call", client, variant, str(port), str(count)],
+                                   f"{client} {variant} {count}")
 
 
 def _free_port() -> int:

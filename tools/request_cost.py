@@ -30,9 +30,10 @@ per-request context. Run-to-run noise is about 2,000 instructions per request.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
+
+import _callgrind  # tools/, first on sys.path when a tool runs
 
 VARIANTS = ["stock", "hooks", "worker", "stock+mw", "asl", "asl-noecho", "stock+header"]
 COUNTS = (1000, 3000)
@@ -118,15 +119,8 @@ def serve(variant: str, count: int) -> None:
 
 def instructions(variant: str, count: int) -> int:
     """Total instructions callgrind counts for ``serve(variant, count)``."""
-    proc = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-         sys.executable, __file__, "--serve", variant, str(count)],
-        capture_output=True, text=True, timeout=1800,
-        env=dict(os.environ, PYTHONHASHSEED="0"))
-    match = re.search(r"Collected : (\d+)", proc.stderr)
-    if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"{variant} {count} failed:\n{proc.stderr[-2000:]}")
-    return int(match.group(1))
+    return _callgrind.instructions([__file__, "--serve", variant, str(count)],
+                                   f"{variant} {count}")
 
 
 def main(argv: list[str]) -> int:

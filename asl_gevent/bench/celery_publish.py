@@ -10,27 +10,18 @@ bounded by ``max_store_bytes``. Publishing only: no worker runs the tasks.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import time
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator
 
 from .._storage import AsyncLocalStorage
 from ..wsgi import request_storage
-from ._core import Options, Row, Target, Variant, free_port, paired, skip
+from ._core import Options, Row, Target, Variant, paired, skip
+from .xproc import celery_unavailable, start_redis, stop
 
 __all__ = ["publish_rows"]
 
 _BIG = 5_000_000
-
-
-def _redis(workdir: str) -> "tuple[subprocess.Popen[Any], str]":
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, f"redis://127.0.0.1:{port}/3"
 
 
 def _rows(opts: Options) -> Iterator[Row]:
@@ -39,8 +30,9 @@ def _rows(opts: Options) -> Iterator[Row]:
     from .. import celery as asl_celery
 
     workdir = tempfile.mkdtemp(prefix="asl-bench-publish-")
-    redis, broker = _redis(workdir)
+    redis, port = start_redis(workdir)
     try:
+        broker = f"redis://127.0.0.1:{port}/3"
         app = Celery("asl_bench_publish", broker=broker, set_as_current=False)
         app.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
         asl_celery.install(app)
@@ -76,13 +68,7 @@ def _rows(opts: Options) -> Iterator[Row]:
                   note="publish only, Redis on loopback; the store is over "
                        "max_store_bytes and left out")
     finally:
-        if redis.poll() is None:
-            redis.terminate()
-        try:
-            redis.wait(10)
-        except subprocess.TimeoutExpired:
-            redis.kill()
-            redis.wait(10)
+        stop(redis)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -90,16 +76,8 @@ def publish_rows(opts: Options, wanted: Callable[[str], bool]) -> Iterator[Row]:
     """The figure; skipped, saying why, without Celery, redis-py or redis-server."""
     if not wanted("celery/publish_5mb"):
         return
-    missing: List[str] = []
-    for module in ("celery", "redis"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        skip("celery/publish_5mb", f"{' and '.join(missing)} not installed "
-             "(pip install 'asl_gevent[celery]')")
-    elif shutil.which("redis-server") is None:
-        skip("celery/publish_5mb", "redis-server not installed")
+    reason = celery_unavailable()
+    if reason is not None:
+        skip("celery/publish_5mb", reason)
     else:
         yield from _rows(opts)

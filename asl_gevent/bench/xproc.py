@@ -15,10 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from ..wsgi import request_storage
-from ._core import (Options, Processes, Row, Target, Variant, free_port, output_of, paired,
+from ._core import (Options, Processes, Row, Target, Variant, free_port, paired,
                     wait_listening)
 
 __all__ = ["xproc_rows"]
@@ -70,7 +70,30 @@ def http_rows(opts: Options) -> Iterator[Row]:
         procs.stop_all()
 
 
-def _stop(proc: "subprocess.Popen[Any]") -> None:
+def celery_unavailable() -> Optional[str]:
+    """Why the Celery figures cannot run here (a missing extra or
+    ``redis-server``), or ``None``."""
+    missing = _missing("celery", "redis")
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'asl_gevent[celery]')"
+    if shutil.which("redis-server") is None:
+        return "redis-server not installed"
+    return None
+
+
+def start_redis(workdir: str) -> "Tuple[subprocess.Popen[Any], int]":
+    """A throwaway ``redis-server`` on a free loopback port, in its own
+    session (stop it with :func:`stop`); returns it and its port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, port
+
+
+def stop(proc: "subprocess.Popen[Any]") -> None:
+    """SIGTERM the process group *proc* leads (by its pid), SIGKILL if it lingers."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -90,11 +113,7 @@ def celery_rows(opts: Options) -> Iterator[Row]:
     workdir = tempfile.mkdtemp(prefix="asl-bench-celery-")
     started: List["subprocess.Popen[Any]"] = []
     try:
-        port = free_port()
-        redis = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT, start_new_session=True)
+        redis, port = start_redis(workdir)
         started.append(redis)
         apps = []
         for db, install in ((1, "0"), (2, "1")):
@@ -143,7 +162,7 @@ def celery_rows(opts: Options) -> Iterator[Row]:
                   note="publisher and worker both with/without; Redis on loopback")
     finally:
         for proc in reversed(started):
-            _stop(proc)
+            stop(proc)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -170,11 +189,8 @@ def xproc_rows(opts: Options, wanted: Callable[[str], bool]) -> Iterator[Row]:
         else:
             yield from http_rows(opts)
     if wanted("celery/solo"):
-        missing = _missing("celery", "redis")
-        if missing:
-            skip("celery/solo", f"{' and '.join(missing)} not installed "
-                 "(pip install 'asl_gevent[celery]')")
-        elif shutil.which("redis-server") is None:
-            skip("celery/solo", "redis-server not installed")
+        reason = celery_unavailable()
+        if reason is not None:
+            skip("celery/solo", reason)
         else:
             yield from celery_rows(opts)
