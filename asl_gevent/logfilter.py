@@ -106,7 +106,9 @@ def _resolve_fields(fields: Union[str, Iterable[str]], where: str) -> Tuple[str,
 
 
 def _read(store: Any, field: str) -> Any:
-    if isinstance(store, Mapping):
+    # A plain dict (the middleware's store) first: isinstance() against
+    # typing.Mapping runs Python frames, on every log record.
+    if type(store) is dict or isinstance(store, Mapping):
         return store.get(field)
     return getattr(store, field, None)
 
