@@ -79,7 +79,7 @@ def _get_store_contextvar() -> Case:
                 Variant(in_context(context, compile_loop(["var.get()"] * _UNROLL, {"var": var}))),
                 Variant(in_context(context, compile_loop(["als.get_store()"] * _UNROLL,
                                                          {"als": als}))),
-                _UNROLL, GET_STORE, GET_STORE, counts=(1000, 6000))
+                _UNROLL, GET_STORE, GET_STORE, counts=(500, 2500))
 
 
 def _get_store_gevent_local() -> Case:
@@ -122,7 +122,7 @@ def _get_store_storages(count: int) -> Callable[[], Case]:
         return Case(f"get_store() vs ContextVar.get(), {text} + 100 vars set",
                     Variant(in_context(crowd, compile_loop(body_r, env_r))),
                     Variant(in_context(crowd, compile_loop(body_s, env_s))),
-                    len(body_s), GET_STORE, counts=(1000, 6000))
+                    len(body_s), GET_STORE, counts=(500, 2500))
     return build
 
 
