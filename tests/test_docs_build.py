@@ -110,6 +110,25 @@ def test_the_api_reference_lists_every_public_name(module: str) -> None:
     assert [n for n in names if f"{module}.{n}" not in documented] == []
 
 
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_every_public_name_says_which_version_added_it(module: str) -> None:
+    """Each name in a public module's ``__all__`` has a ``versionadded`` note
+    of its own in the reference (issue 15: "each with its parameters,
+    errors and ``versionadded``"): functions, classes and data alike (data
+    take it from their ``#:`` comment)."""
+    assert sphinx("html").returncode == 0
+    page = (_out / "html" / "api.html").read_text()
+    missing = []
+    for name in importlib.import_module(module).__all__:
+        start = page.find(f'id="{module}.{name}"')
+        assert start >= 0, f"{module}.{name} is not in the reference"
+        # This entry's own text: up to its first member or the next section.
+        ends = [page.find(mark, start) for mark in ('<dt class="sig sig-object py"', "<section")]
+        if "versionadded" not in page[start:min([e for e in ends if e >= 0] + [len(page)])]:
+            missing.append(name)
+    assert missing == []
+
+
 def _shown_output(page: str, script: str) -> List[str]:
     """The console block after ``$ .venv/bin/python examples/SCRIPT`` on *page*."""
     text = (DOCS / page).read_text()
