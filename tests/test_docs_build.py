@@ -129,6 +129,19 @@ def test_every_public_name_says_which_version_added_it(module: str) -> None:
     assert missing == []
 
 
+def test_the_at_a_glance_table_names_every_public_name() -> None:
+    """The API page's summary table names each public module and every name
+    in its ``__all__`` (issue 15: names used in examples but absent from the
+    API table)."""
+    text = (DOCS / "api.rst").read_text()
+    table = text.split("At a glance", 1)[1].split("One example each", 1)[0]
+    missing = [f"{module}.{name}" for module in PUBLIC_MODULES
+               for name in importlib.import_module(module).__all__
+               if not re.search(rf"``[^`]*\b{name}\b[^`]*``", table)]
+    missing += [module for module in PUBLIC_MODULES[1:] if f":mod:`{module}`" not in table]
+    assert missing == []
+
+
 def _shown_output(page: str, script: str) -> List[str]:
     """The console block after ``$ .venv/bin/python examples/SCRIPT`` on *page*."""
     text = (DOCS / page).read_text()
