@@ -94,6 +94,8 @@ class AsyncResource:
 
     #: ``res.bind(fn)``: *fn* bound to this resource's context.
     #: ``AsyncResource.bind(fn, type=None)``: the same with a new resource.
+    #:
+    #: :raises TypeError: if *fn* is not callable.
     bind = _bind_method()
 
     def __repr__(self) -> str:

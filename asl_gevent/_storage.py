@@ -63,6 +63,8 @@ def bind(fn: Callable[..., R]) -> Callable[..., R]:
     Every call of the result runs *fn* in its own copy of the context captured
     now, so it may be called many times, re-entrantly, and from several
     greenlets or threads at once; what *fn* changes is gone when it returns.
+
+    :raises TypeError: if *fn* is not callable.
     """
     check_callable(fn, "AsyncLocalStorage.bind()")
     return bound_to(capture_context(), fn)
@@ -73,6 +75,7 @@ def snapshot() -> Callable[..., Any]:
 
     ``runner`` calls *fn* in a copy of the captured context, like a function
     made by :func:`bind` that takes the function as its first argument.
+    ``runner`` raises :class:`TypeError` if its *fn* is not callable.
     """
     captured = capture_context()
 
@@ -278,6 +281,8 @@ class AsyncLocalStorage(Generic[T]):
 
         Inside, :meth:`get_store` returns :attr:`default`, here and in work
         spawned from *fn*. Frame semantics are those of :meth:`run`.
+
+        :raises TypeError: if *fn* is not callable; nothing is changed.
         """
         check_callable(fn, "AsyncLocalStorage.exit()")
         context = copy_context()
@@ -297,6 +302,10 @@ class AsyncLocalStorage(Generic[T]):
 
         Restores this storage (only) when the block ends, even on error.
         The ``with`` value is *store*. Enter and exit it in one greenlet.
+
+        :raises RuntimeError: when the block is entered twice, or left in
+            another greenlet than the one that entered it (or twice); the
+            storage's value is left as it was.
         """
         return _Scope(self, store)
 

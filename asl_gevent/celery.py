@@ -111,10 +111,14 @@ __all__ = ["install", "is_installed", "task_storage", "HEADER"]
 _log = logging.getLogger(__name__)
 
 #: The store of a running task: ``{"task_id": ..., "parent_task_id": ...}``.
+#:
+#: .. versionadded:: 0.2
 task_storage: AsyncLocalStorage[Dict[str, Optional[str]]] = AsyncLocalStorage(
     name="asl_gevent.celery.task")
 
 #: The message header that carries the stores.
+#:
+#: .. versionadded:: 0.2
 HEADER = "asl_gevent"
 
 _lock = threading.Lock()

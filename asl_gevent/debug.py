@@ -199,7 +199,8 @@ _previous: Dict[int, Any] = {}
 def _check_signum(signum: Any, where: str) -> None:
     if not isinstance(signum, int) or isinstance(signum, bool):
         raise TypeError(f"{where} argument 'signum' must be a signal number, not "
-                        f"{type(signum).__name__!r}; e.g. signal.SIGUSR1")
+                        f"{type(signum).__name__!r}; e.g. asl_gevent.debug.DEFAULT_SIGNAL "
+                        f"(the default; SIGUSR1 belongs to gunicorn and uWSGI)")
 
 
 def _on_signal(signum: int, frame: Any) -> None:

@@ -148,13 +148,17 @@ def uninstall() -> None:
     their wrapper, switched off (it passes every call straight through), and
     a later :func:`install` switches it on again rather than wrapping twice.
 
+    .. versionadded:: 0.2
     .. versionchanged:: 0.3 exact under other patchers.
     """
     _http_clients.uninstall()
 
 
 def is_installed() -> bool:
-    """Whether :func:`install` is in effect."""
+    """Whether :func:`install` is in effect.
+
+    .. versionadded:: 0.2
+    """
     return _http_clients.is_installed()
 
 
@@ -175,6 +179,7 @@ def outgoing_headers(url: Optional[str] = None) -> Dict[str, str]:
 
     :raises TypeError: if *url* is not a str or None.
 
+    .. versionadded:: 0.2
     .. versionchanged:: 0.3 the *url* argument; with ``targets=``, ``{}``
        for a URL whose authority is not well-formed.
     """

@@ -210,6 +210,9 @@ def store_processor(storage: StorageSpec = None,
     store, are *omitted* (structlog renders no placeholder). Errors reading
     the store are swallowed (the field is omitted) and reported once.
 
+    :raises TypeError: bad *storage* or *fields* types.
+    :raises ValueError: a *storage* path that cannot be imported.
+
     >>> from asl_gevent import AsyncLocalStorage
     >>> als = AsyncLocalStorage(name="doc")
     >>> add_ids = store_processor(als, fields=("request_id", "user"))

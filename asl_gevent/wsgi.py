@@ -59,16 +59,22 @@ R = TypeVar("R")
 #: The storage :class:`RequestContextMiddleware` uses unless given another, and
 #: the one :func:`get_request_id` and :class:`asl_gevent.logfilter.StoreFilter`
 #: read by default.
+#:
+#: .. versionadded:: 0.1
 request_storage: AsyncLocalStorage[Dict[str, Any]] = AsyncLocalStorage(name="request")
 
 #: The WSGI environ key under which :class:`RequestContextMiddleware` leaves
 #: the request's id (``%({asl_gevent.request_id}e)s`` in gunicorn's
 #: ``access_log_format``).
+#:
+#: .. versionadded:: 0.2
 ENVIRON_KEY = "asl_gevent.request_id"
 
 #: The WSGI environ key under which :class:`RequestContextMiddleware` leaves
 #: an id the client sent but that was not adopted (untrusted client, or
-#: refused by the validator), so access logs can show it. (0.3)
+#: refused by the validator), so access logs can show it.
+#:
+#: .. versionadded:: 0.3
 CLIENT_ENVIRON_KEY = "asl_gevent.client_request_id"
 
 # The id rules live in _ids.py, which asl_gevent.http, celery and django ask

@@ -56,7 +56,8 @@ CASES: Dict[str, Tuple[Callable[[], Any], str]] = {
     "debug.install_signal_handler(True)": (
         lambda: debug.install_signal_handler(True),
         r"^install_signal_handler\(\) argument 'signum' must be a signal number, "
-        r"not 'bool'; e\.g\. signal\.SIGUSR1$"),
+        r"not 'bool'; e\.g\. asl_gevent\.debug\.DEFAULT_SIGNAL \(the default; "
+        r"SIGUSR1 belongs to gunicorn and uWSGI\)$"),
     "debug.install_signal_handler('USR1')": (
         lambda: debug.install_signal_handler("USR1"),  # type: ignore[arg-type]
         r"^install_signal_handler\(\) argument 'signum' must be a signal number, not 'str'"),

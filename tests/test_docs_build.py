@@ -22,7 +22,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import pkgutil
 
@@ -108,6 +108,71 @@ def test_the_api_reference_lists_every_public_name(module: str) -> None:
     names = importlib.import_module(module).__all__
     assert module in documented
     assert [n for n in names if f"{module}.{n}" not in documented] == []
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_every_public_name_says_which_version_added_it(module: str) -> None:
+    """Each name in a public module's ``__all__`` has a ``versionadded`` note
+    of its own in the reference (issue 15: "each with its parameters,
+    errors and ``versionadded``"): functions, classes and data alike (data
+    take it from their ``#:`` comment)."""
+    missing = [name for name in importlib.import_module(module).__all__
+               if "versionadded" not in _reference_entry(f"{module}.{name}")]
+    assert missing == []
+
+
+def _reference_entry(name: str) -> str:
+    """The HTML of *name*'s own entry in the built API reference: up to its
+    first member or the next section."""
+    assert sphinx("html").returncode == 0
+    page = (_out / "html" / "api.html").read_text()
+    start = page.find(f'id="{name}"')
+    assert start >= 0, f"{name} is not in the reference"
+    ends = [page.find(mark, start) for mark in ('<dt class="sig sig-object py"', "<section")]
+    return page[start:min([e for e in ends if e >= 0] + [len(page)])]
+
+
+def _bad_calls() -> Dict[str, Callable[[], object]]:
+    """Reference entry -> a call of it with a bad argument."""
+    from asl_gevent import AsyncLocalStorage, AsyncResource
+    from asl_gevent.logfilter import StoreFilter, store_processor
+
+    als: AsyncLocalStorage[str] = AsyncLocalStorage(name="docs-probe")
+    return {
+        "asl_gevent.AsyncLocalStorage": lambda: AsyncLocalStorage(name=42),  # type: ignore[arg-type]
+        "asl_gevent.AsyncLocalStorage.run": lambda: als.run("s", 42),  # type: ignore[arg-type]
+        "asl_gevent.AsyncLocalStorage.exit": lambda: als.exit(42),  # type: ignore[arg-type]
+        "asl_gevent.AsyncLocalStorage.bind": lambda: AsyncLocalStorage.bind(42),  # type: ignore[arg-type]
+        "asl_gevent.AsyncResource": lambda: AsyncResource(42),  # type: ignore[arg-type]
+        "asl_gevent.AsyncResource.run_in_async_scope":
+            lambda: AsyncResource("t").run_in_async_scope(42),  # type: ignore[arg-type]
+        "asl_gevent.AsyncResource.bind": lambda: AsyncResource("t").bind(42),  # type: ignore[arg-type]
+        "asl_gevent.logfilter.StoreFilter": lambda: StoreFilter(fields=42),  # type: ignore[arg-type]
+        "asl_gevent.logfilter.store_processor": lambda: store_processor(fields=42),  # type: ignore[arg-type]
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_bad_calls()))
+def test_the_reference_names_the_type_error_a_bad_call_raises(name: str) -> None:
+    """A public callable that raises TypeError on a bad argument says so
+    in its reference entry (issue 15: "each with its parameters, errors")."""
+    with pytest.raises(TypeError):
+        _bad_calls()[name]()
+    entry = _reference_entry(name)
+    assert "Raises" in entry and "TypeError" in entry, entry[:2000]
+
+
+def test_the_at_a_glance_table_names_every_public_name() -> None:
+    """The API page's summary table names each public module and every name
+    in its ``__all__`` (issue 15: names used in examples but absent from the
+    API table)."""
+    text = (DOCS / "api.rst").read_text()
+    table = text.split("At a glance", 1)[1].split("One example each", 1)[0]
+    missing = [f"{module}.{name}" for module in PUBLIC_MODULES
+               for name in importlib.import_module(module).__all__
+               if not re.search(rf"``[^`]*\b{name}\b[^`]*``", table)]
+    missing += [module for module in PUBLIC_MODULES[1:] if f":mod:`{module}`" not in table]
+    assert missing == []
 
 
 def _shown_output(page: str, script: str) -> List[str]:
