@@ -50,7 +50,7 @@ print(json.dumps({
                      for name in ("_on_spawn", "_greenlet_run", "_rawlink")}),
     "python": all(getattr(_paths, name) is getattr(_paths, "_py" + name)
                   for name in ("_on_spawn", "_greenlet_run", "_rawlink")),
-    "header": [line for line in format_run_info(False) if "asl_gevent.SPEEDUPS" in line],
+    "header": [line for line in format_run_info(False, False) if line.startswith("* asl_gevent ")],
     "seen": als.run("request", lambda: gevent.spawn(als.get_store).get()),
 }))
 """
