@@ -45,6 +45,7 @@ typedef struct {
     PyObject *cfunction;    /* _CFunction, builtin_function_or_method */
     PyObject *greenlet;     /* greenlet.greenlet */
     PyObject *Greenlet;     /* gevent's Greenlet */
+    PyObject *in_a_frame;   /* _in_a_frame, see greenlet_run() */
     PyObject *dict;
     PyObject *weakreflist;
 } HookObject;
@@ -150,7 +151,7 @@ drop_context(HookObject *self, PyObject *glet)
 
 /* _greenlet_run(self):
  *     try:
- *         _orig_greenlet_run(self)
+ *         _in_a_frame(_orig_greenlet_run, self)  # Python: _orig_greenlet_run(self)
  *     finally:
  *         <drop_context>
  */
@@ -160,7 +161,11 @@ greenlet_run(HookObject *self, PyObject *glet)
     PyObject *orig = global(self, str_orig_greenlet_run);
     if (orig == NULL && !PyErr_Occurred())
         return PyObject_CallOneArg(self->function, glet);  /* NameError there */
-    PyObject *result = orig == NULL ? NULL : PyObject_CallOneArg(orig, glet);
+    /* Through a Python frame (_in_a_frame): a greenlet whose stack holds
+     * none reads as running to greenlet, and its gr_context cannot be read
+     * while it waits (greenlet 3.5.6; see _in_a_frame's docstring). */
+    PyObject *args[2] = {orig, glet};
+    PyObject *result = orig == NULL ? NULL : PyObject_Vectorcall(self->in_a_frame, args, 2, NULL);
     Py_XDECREF(orig);
     Py_XDECREF(result);
 
@@ -294,6 +299,7 @@ hook_traverse(HookObject *self, visitproc visit, void *arg)
     Py_VISIT(self->cfunction);
     Py_VISIT(self->greenlet);
     Py_VISIT(self->Greenlet);
+    Py_VISIT(self->in_a_frame);
     Py_VISIT(self->dict);
     return 0;
 }
@@ -308,6 +314,7 @@ hook_clear(HookObject *self)
     Py_CLEAR(self->cfunction);
     Py_CLEAR(self->greenlet);
     Py_CLEAR(self->Greenlet);
+    Py_CLEAR(self->in_a_frame);
     Py_CLEAR(self->dict);
     return 0;
 }
@@ -392,9 +399,9 @@ make_hook(PyObject *module, PyObject *function)
     }
     /* The module's constants (see HookObject), all of them for every kind. */
     static const char *constants[] = {"getcurrent", "_NOT_HUBS", "_CFunction", "greenlet",
-                                      "Greenlet"};
-    PyObject *values[5];
-    for (int i = 0; i < 5; i++) {
+                                      "Greenlet", "_in_a_frame"};
+    PyObject *values[6];
+    for (int i = 0; i < 6; i++) {
         values[i] = PyDict_GetItemString(globals, constants[i]);  /* borrowed */
         if (values[i] == NULL) {
             PyErr_Format(PyExc_TypeError, "hook(): %R's module has no %s",
@@ -417,6 +424,7 @@ make_hook(PyObject *module, PyObject *function)
     self->cfunction = Py_NewRef(values[2]);
     self->greenlet = Py_NewRef(values[3]);
     self->Greenlet = Py_NewRef(values[4]);
+    self->in_a_frame = Py_NewRef(values[5]);
     self->dict = NULL;
     self->weakreflist = NULL;
     PyObject_GC_Track((PyObject *)self);

@@ -19,6 +19,7 @@ from contextvars import Context, ContextVar
 from typing import Any, Callable, Dict, Iterator
 
 import gevent
+import gevent.event
 import gevent.pool
 import pytest
 from greenlet import getcurrent, greenlet
@@ -42,6 +43,7 @@ from asl_gevent import _paths
 from asl_gevent.debug import format_run_info
 from asl_gevent import AsyncLocalStorage
 import gevent
+import gevent.event
 import gevent.pool
 als = AsyncLocalStorage(name="probe")
 print(json.dumps({
@@ -279,3 +281,23 @@ def test_compiled_hooks_keep_no_references() -> None:
         var.reset(token)
     assert after[:4] == before[:4]
     assert abs(after[4] - before[4]) < 50, (before, after)
+
+
+def test_a_waiting_greenlet_with_only_compiled_code_shows_its_context(
+        als: asl_gevent.AsyncLocalStorage[object]) -> None:
+    """``gevent.spawn(event.wait)``: gevent's ``run`` and ``Event.wait`` are
+    compiled, and greenlet takes a started greenlet with no Python frame for
+    a running one (its ``gr_context`` raises ValueError). The ``run`` hook
+    keeps a Python frame at the bottom, compiled or not, so the leak watch
+    and ``stores_of`` can read what the waiting greenlet holds."""
+    event = gevent.event.Event()
+    glet = als.run("request", gevent.spawn, event.wait)
+    try:
+        gevent.sleep(0)
+        assert not glet.dead
+        context = glet.gr_context
+        assert context is not None and "request" in context.values()
+    finally:
+        event.set()
+        glet.join()
+    assert glet.gr_context is None
