@@ -249,7 +249,7 @@ def test_rawlink_passes_bookkeeping_through_and_wraps_the_rest(
 
 @needs_build
 def test_compiled_hooks_keep_no_references() -> None:
-    """Reference counts of everything the compiled hooks touch are unchanged
+    """Reference counts of everything the hooks in use touch are unchanged
     after 10,000 calls of each, and no object is left behind."""
     var: ContextVar[object] = ContextVar("test_speedups.refs")
     store = object()
@@ -280,7 +280,8 @@ def test_compiled_hooks_keep_no_references() -> None:
     finally:
         var.reset(token)
     assert after[:4] == before[:4]
-    assert abs(after[4] - before[4]) < 50, (before, after)
+    # One object kept per call would be 10,000; other tests' leftovers may go meanwhile.
+    assert after[4] - before[4] < 100, (before, after)
 
 
 def test_a_waiting_greenlet_with_only_compiled_code_shows_its_context(
