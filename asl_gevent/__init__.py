@@ -13,10 +13,12 @@ from ._detach import undetach_starter as undetach_starter
 from ._hooks import install as install
 from ._hooks import is_installed as is_installed
 from ._hooks import uninstall as uninstall
+from ._paths import SPEEDUPS as SPEEDUPS
 from ._resource import AsyncResource as AsyncResource
 from ._storage import AsyncLocalStorage as AsyncLocalStorage
 
 __all__ = ["AsyncLocalStorage", "AsyncResource", "install", "uninstall", "is_installed",
-           "run_detached", "detached", "detach_starter", "undetach_starter", "KNOWN_STARTERS"]
+           "run_detached", "detached", "detach_starter", "undetach_starter", "KNOWN_STARTERS",
+           "SPEEDUPS"]
 
 __version__ = "0.3.0.dev0"

@@ -64,6 +64,7 @@ from typing import Any, Dict, List, Optional, TextIO
 from gevent import util as _gevent_util
 from greenlet import greenlet
 
+from . import __version__, _paths
 from ._watch import format_stores, request_marker, stores_in
 
 __all__ = ["format_run_info", "print_run_info", "install_signal_handler",
@@ -135,6 +136,8 @@ def format_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
         ``repr`` fails is shown as such.
 
     .. versionadded:: 0.2
+    .. versionchanged:: 0.3 the greenlets' header names asl_gevent's version
+       and whether its hooks run compiled (:data:`asl_gevent.SPEEDUPS`).
     """
     from gevent import monkey
 
@@ -143,6 +146,8 @@ def format_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
     _gevent_util._format_thread_info(lines, thread_stacks, limit, current)
     lines.append("*" * 80)
     lines.append("* Greenlets, with the stores of asl_gevent")
+    lines.append(f"* asl_gevent {__version__}, spawn + join hooks "
+                 f"{'compiled' if _paths.SPEEDUPS else 'in pure Python'} (asl_gevent.SPEEDUPS)")
     lines.append("*" * 80)
     def order(tree: Any) -> str:
         if tree.is_current_tree:

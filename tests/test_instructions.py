@@ -21,6 +21,7 @@ from typing import Tuple
 
 import pytest
 
+import asl_gevent
 from asl_gevent.bench import instructions
 from helpers import ROOT
 
@@ -70,24 +71,31 @@ def test_get_store_in_a_crowded_context() -> None:
     assert ratio("get_store/storages_100") <= 1.2
 
 
+#: The pure-Python hooks (no C compiler at install time, or
+#: ``ASL_GEVENT_PUREPYTHON=1``) miss the spawn target by ~0.25k instructions.
+MISSED_IN_PURE_PYTHON = pytest.mark.xfail(
+    not asl_gevent.SPEEDUPS, strict=False,
+    reason="a known miss of the pure-Python hooks: 1.105-1.117x (docs/performance.rst); "
+           "not strict, as the baseline moves by +-0.002 between runs")
+
+
 @ONCE
-@pytest.mark.xfail(strict=False, reason="a known miss: 1.105-1.107x, ~0.25k instructions above "
-                   "the target in pure Python (docs/performance.rst); not strict, as the "
-                   "baseline moves by +-0.002 between runs")
+@MISSED_IN_PURE_PYTHON
 def test_spawn_join_within_1_10x() -> None:
     """``gevent.spawn(f).join()`` with the hooks costs at most 1.10x without,
-    from a shallow stack (SPEC's target)."""
+    from a shallow stack (SPEC's target). The children run the hooks this
+    process runs (compiled unless ``ASL_GEVENT_PUREPYTHON=1``)."""
     assert ratio("spawn/gevent") <= 1.10
 
 
 @ONCE
 def test_spawn_join_no_worse_than_today() -> None:
-    """Until the 1.10x target is reached, what 0.3 measures is the floor a
-    change may not go above: a regression cannot land. Counts are exact on
-    one machine but not across machines (the C library's copy routines
-    differ by CPU): 1.105-1.107x here, 1.117x on CI's machine, so the floor
-    leaves 0.013 above the highest."""
-    assert ratio("spawn/gevent") <= 1.13
+    """What 0.3 measures is the floor a change may not go above, so a
+    regression cannot land. Counts are exact on one machine but not across
+    machines (the C library's copy routines differ by CPU; CI's machine
+    counted 1.117x where this one counts 1.107x): compiled 1.068x here
+    (1.09 leaves that ~1% and some room), pure Python 1.105-1.117x (1.13)."""
+    assert ratio("spawn/gevent") <= (1.09 if asl_gevent.SPEEDUPS else 1.13)
 
 
 @ONCE

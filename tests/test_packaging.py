@@ -32,13 +32,13 @@ SDIST_TOP_FILES = ["LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "se
 
 
 def _source_files(*folders: str) -> List[str]:
-    """Every .py file (and py.typed) under *folders* of this checkout, relative."""
+    """Every .py, .pyi and .c file (and py.typed) under *folders* of this checkout, relative."""
     found = []
     for folder in folders:
         for path in (ROOT / folder).rglob("*"):
             if "__pycache__" in path.parts or not path.is_file():
                 continue
-            if path.suffix == ".py" or path.name == "py.typed":
+            if path.suffix in (".py", ".pyi", ".c") or path.name == "py.typed":
                 found.append(path.relative_to(ROOT).as_posix())
     return sorted(found)
 
@@ -101,7 +101,18 @@ def test_wheel_holds_the_package_typed_and_licensed_and_no_tests(
         licence_text = wheel.read(licences[0]).decode() if licences else ""
 
     package = sorted(n for n in names if not n.startswith(dist_info))
-    assert package == _source_files("asl_gevent")
+    # The optional accelerator: compiled when the build had a C compiler
+    # (CI has one), its C source left out.
+    compiled = [n for n in package if n.startswith("asl_gevent/_speedups.")
+                and n.endswith((".so", ".pyd"))]
+    assert package == sorted([*(n for n in _source_files("asl_gevent") if not n.endswith(".c")),
+                              *compiled])
+    assert "asl_gevent/_speedups.pyi" in package
+    # (ASL_GEVENT_PUREPYTHON=1 at build time skips it.)
+    import asl_gevent._paths
+
+    expected = os.environ.get("CI") and asl_gevent._paths._speedups_enabled()
+    assert len(compiled) == 1 or not expected, package
     assert "asl_gevent/py.typed" in package
     assert not [n for n in names if n.startswith(("tests/", "examples/", "tools/"))]
     assert "MIT License" in licence_text and "the asl_gevent authors" in licence_text
@@ -329,4 +340,7 @@ def test_the_version_is_the_changelogs_newest_release(dists: Dict[str, Path]) ->
     assert newest is not None
     assert asl_gevent.__version__ == f"{newest.group(1)}.dev0" == "0.3.0.dev0"
     assert Version(asl_gevent.__version__).base_version == newest.group(1)
-    assert dists["wheel"].name == f"asl_gevent-{asl_gevent.__version__}-py3-none-any.whl"
+    # A wheel for this CPython and platform when the accelerator was compiled.
+    tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    assert re.fullmatch(rf"asl_gevent-{re.escape(asl_gevent.__version__)}-"
+                        rf"(py3-none-any|{tag}-{tag}-[a-z0-9_]+)\.whl", dists["wheel"].name)

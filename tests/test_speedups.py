@@ -1,0 +1,304 @@
+"""The optional compiled hooks (``asl_gevent._speedups``) and their fallback.
+
+The whole suite runs both ways (CI runs it again with
+``ASL_GEVENT_PUREPYTHON=1``); these tests check the switch itself, that the
+compiled hooks are in use when built, and the corners where C code could
+differ from the Python it replaces: arguments, exceptions, attributes,
+reference counts.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import sys
+import weakref
+from contextvars import Context, ContextVar
+from typing import Any, Callable, Dict, Iterator
+
+import gevent
+import gevent.event
+import gevent.pool
+import pytest
+from greenlet import getcurrent, greenlet
+
+import asl_gevent
+from asl_gevent import _paths
+from asl_gevent._paths import Greenlet
+from helpers import run_python
+
+BUILT = importlib.util.find_spec("asl_gevent._speedups") is not None
+
+#: The three accelerated hooks: (compiled, pure Python) of each.
+NAMES = ("_on_spawn", "_greenlet_run", "_rawlink")
+
+needs_build = pytest.mark.skipif(not BUILT and not os.environ.get("CI"),
+                                 reason="asl_gevent._speedups is not built (no C compiler?)")
+
+_PROBE = """
+import json, asl_gevent
+from asl_gevent import _paths
+from asl_gevent.debug import format_run_info
+from asl_gevent import AsyncLocalStorage
+import gevent
+import gevent.event
+import gevent.pool
+als = AsyncLocalStorage(name="probe")
+print(json.dumps({
+    "speedups": asl_gevent.SPEEDUPS,
+    "types": sorted({type(getattr(_paths, name)).__name__
+                     for name in ("_on_spawn", "_greenlet_run", "_rawlink")}),
+    "python": all(getattr(_paths, name) is getattr(_paths, "_py" + name)
+                  for name in ("_on_spawn", "_greenlet_run", "_rawlink")),
+    "header": [line for line in format_run_info(False, False) if line.startswith("* asl_gevent ")],
+    "seen": als.run("request", lambda: gevent.spawn(als.get_store).get()),
+}))
+"""
+
+
+def _probe(value: str | None) -> Dict[str, Any]:
+    env = dict(os.environ)
+    env.pop("ASL_GEVENT_PUREPYTHON", None)
+    if value is not None:
+        env["ASL_GEVENT_PUREPYTHON"] = value
+    # run_python adds to os.environ: pass the whole environment, variable removed or set.
+    saved = os.environ.pop("ASL_GEVENT_PUREPYTHON", None)
+    try:
+        proc = run_python(_PROBE, env=env)
+    finally:
+        if saved is not None:
+            os.environ["ASL_GEVENT_PUREPYTHON"] = saved
+    result: Dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+@needs_build
+@pytest.mark.parametrize("value", [None, "", "0", "off"])
+def test_compiled_hooks_are_used_by_default_when_built(value: str | None) -> None:
+    """Built, and ``ASL_GEVENT_PUREPYTHON`` unset (or 0/off): SPEEDUPS is True,
+    the three hooks are the compiled ones, run info says so, stores follow."""
+    out = _probe(value)
+    assert out == {"speedups": True, "types": ["hook"], "python": False,
+                   "header": ["* asl_gevent %s, spawn + join hooks compiled "
+                              "(asl_gevent.SPEEDUPS)" % asl_gevent.__version__],
+                   "seen": "request"}
+
+
+@pytest.mark.parametrize("value", ["1", "true", " YES "])
+def test_env_var_forces_the_pure_python_hooks(value: str) -> None:
+    """``ASL_GEVENT_PUREPYTHON=1`` at import: SPEEDUPS is False and every hook
+    is the Python function, as without the extension."""
+    out = _probe(value)
+    assert out == {"speedups": False, "types": ["function"], "python": True,
+                   "header": ["* asl_gevent %s, spawn + join hooks in pure Python "
+                              "(asl_gevent.SPEEDUPS)" % asl_gevent.__version__],
+                   "seen": "request"}
+
+
+def test_speedups_matches_what_runs() -> None:
+    """In this process (either way): SPEEDUPS tells whether the hooks are compiled."""
+    compiled = [getattr(_paths, name) is not getattr(_paths, "_py" + name) for name in NAMES]
+    assert compiled == [asl_gevent.SPEEDUPS] * 3
+    if asl_gevent.SPEEDUPS:
+        assert vars(Greenlet)["run"] is _paths._greenlet_run
+        assert vars(Greenlet)["rawlink"] is _paths._rawlink
+
+
+# -- the compiled hooks behave as the Python functions -----------------------------
+
+
+def _compiled(name: str) -> Callable[..., Any]:
+    from asl_gevent import _speedups
+
+    return _speedups.hook(getattr(_paths, "_py" + name))  # type: ignore[no-any-return]
+
+
+@pytest.fixture(name="impl", params=["compiled", "python"])
+def _impl(request: pytest.FixtureRequest) -> Callable[[str], Callable[..., Any]]:
+    """Each test below runs on a compiled hook and on the Python function."""
+    if request.param == "python":
+        return lambda name: getattr(_paths, "_py" + name)  # type: ignore[no-any-return]
+    if not BUILT:
+        pytest.skip("asl_gevent._speedups is not built")
+    return _compiled
+
+
+@needs_build
+def test_compiled_hook_looks_like_its_function() -> None:
+    """Name, qualname, module and doc are the function's; it takes attributes
+    (install() marks its hooks), weak references, and binds as a method."""
+    hook = _compiled("_greenlet_run")
+    python = _paths._py_greenlet_run
+    for attribute in ("__name__", "__qualname__", "__module__", "__doc__"):
+        assert getattr(hook, attribute) == getattr(python, attribute)
+    assert hook.python_function is python  # type: ignore[attr-defined]
+    assert repr(hook) == f"<compiled {python!r}>"
+    hook.__wrapped__ = python  # type: ignore[attr-defined]
+    assert hook.__wrapped__ is python  # type: ignore[attr-defined]
+    assert weakref.ref(hook)() is hook
+    assert hook.__get__(None, Greenlet) is hook  # type: ignore[attr-defined]
+    glet = Greenlet(lambda: None)
+    bound = hook.__get__(glet, Greenlet)  # type: ignore[attr-defined]
+    assert bound.__self__ is glet and bound.__func__ is hook
+
+
+@needs_build
+def test_only_the_three_hooks_compile() -> None:
+    from asl_gevent import _speedups
+
+    with pytest.raises(ValueError, match=r"^hook\(\) argument must be asl_gevent\._paths' "):
+        _speedups.hook(_paths._spawn_raw)
+
+
+@pytest.mark.parametrize("name, args, kwargs", [
+    ("_on_spawn", (), {}), ("_on_spawn", (1, 2), {}), ("_on_spawn", (), {"glet": 1}),
+    ("_greenlet_run", (), {}), ("_rawlink", (1,), {}), ("_rawlink", (1, 2, 3), {}),
+    ("_on_spawn", (object(),), {}),
+])
+def test_bad_calls_fail_as_in_python(name: str, args: Any, kwargs: Any) -> None:
+    """A call the hook was not made for raises what the Python function raises."""
+    errors = []
+    for hook in (getattr(_paths, "_py" + name), *([_compiled(name)] if BUILT else [])):
+        with pytest.raises(Exception) as caught:
+            hook(*args, **kwargs)
+        errors.append((type(caught.value), str(caught.value)))
+    assert len(set(errors)) == 1, errors
+
+
+def test_on_spawn(impl: Callable[[str], Callable[..., Any]]) -> None:
+    """A greenlet without a context gets a copy of the current one; a preset
+    one is left alone; in a detached() block it gets an empty one."""
+    on_spawn = impl("_on_spawn")
+    var: ContextVar[str] = ContextVar("test_speedups.var")
+    token = var.set("spawner")
+    try:
+        fresh = greenlet(lambda: None)
+        assert on_spawn(fresh) is None
+        assert fresh.gr_context is not None and fresh.gr_context[var] == "spawner"
+        preset = greenlet(lambda: None)
+        preset.gr_context = mine = Context()
+        on_spawn(preset)
+        assert preset.gr_context is mine
+        with asl_gevent.detached():
+            detached = greenlet(lambda: None)
+            on_spawn(detached)
+        assert detached.gr_context is not None and var not in detached.gr_context
+    finally:
+        var.reset(token)
+
+
+def test_greenlet_run_drops_the_context_even_when_run_raises(
+        impl: Callable[[str], Callable[..., Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The context goes in a finally clause; the error comes through, and an
+    error raised there has the first one as its __context__, as in Python."""
+    run = impl("_greenlet_run")
+
+    def boom(glet: Any) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(_paths, "_orig_greenlet_run", boom)
+    glet = Greenlet(lambda: None)
+    glet.gr_context = Context()
+    with pytest.raises(KeyError, match="boom"):
+        run(glet)
+    assert glet.gr_context is None
+    with pytest.raises(AttributeError) as caught:
+        run(object())  # not a greenlet: ``type(self).run`` fails in the finally clause
+    assert isinstance(caught.value.__context__, KeyError)
+
+
+def test_greenlet_run_keeps_the_context_of_a_subclass_with_its_own_run(
+        impl: Callable[[str], Callable[..., Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    run = impl("_greenlet_run")
+    called = []
+    monkeypatch.setattr(_paths, "_orig_greenlet_run", called.append)
+
+    class Own(Greenlet):  # type: ignore[misc]
+        def run(self) -> None:  # pragma: no cover - never started
+            pass
+
+    class Inherits(Greenlet):  # type: ignore[misc]
+        pass
+
+    own, inherits = Own(), Inherits()
+    own.gr_context = inherits.gr_context = context = Context()
+    assert run(own) is None and run(inherits) is None
+    assert called == [own, inherits]
+    assert own.gr_context is context and inherits.gr_context is None
+
+
+def test_rawlink_passes_bookkeeping_through_and_wraps_the_rest(
+        impl: Callable[[str], Callable[..., Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A greenlet's switch and gevent's own methods reach the original as they
+    are; a user's callback is wrapped in its link-time context."""
+    rawlink = impl("_rawlink")
+    linked = []
+    monkeypatch.setattr(_paths, "_orig_rawlink", lambda self, cb: linked.append(cb) or "orig")
+    glet = Greenlet(lambda: None)
+    switch = getcurrent().switch
+    assert rawlink(glet, switch) == "orig"
+    discard = gevent.pool.Group()._discard
+    rawlink(glet, discard)  # gevent's own method: passed through (and remembered)
+    rawlink(glet, discard)
+    assert rawlink(glet, id) is None  # a C function not bound to a greenlet: wrapped
+    assert linked[:3] == [switch, discard, discard]
+    assert isinstance(linked[3], _paths._LinkInContext) and linked[3].callback is id
+
+
+@needs_build
+def test_compiled_hooks_keep_no_references() -> None:
+    """Reference counts of everything the hooks in use touch are unchanged
+    after 10,000 calls of each, and no object is left behind."""
+    var: ContextVar[object] = ContextVar("test_speedups.refs")
+    store = object()
+
+    def work() -> object:
+        return var.get()
+
+    def spawn_join() -> None:
+        glet = gevent.spawn(work)
+        glet.join()
+        glet.rawlink(id)  # a dead greenlet: the slow path, called at once by the hub
+        gevent.pool.Group().spawn(work).join()
+
+    token = var.set(store)
+    try:
+        for _ in range(100):  # warm up: caches, free lists, gevent's function set
+            spawn_join()
+        gevent.sleep(0)
+        gc.collect()
+        before = (sys.getrefcount(store), sys.getrefcount(work), sys.getrefcount(id),
+                  sys.getrefcount(getcurrent()), len(gc.get_objects()))
+        for _ in range(10_000):
+            spawn_join()
+        gevent.sleep(0)
+        gc.collect()
+        after = (sys.getrefcount(store), sys.getrefcount(work), sys.getrefcount(id),
+                 sys.getrefcount(getcurrent()), len(gc.get_objects()))
+    finally:
+        var.reset(token)
+    assert after[:4] == before[:4]
+    # One object kept per call would be 10,000; other tests' leftovers may go meanwhile.
+    assert after[4] - before[4] < 100, (before, after)
+
+
+def test_a_waiting_greenlet_with_only_compiled_code_shows_its_context(
+        als: asl_gevent.AsyncLocalStorage[object]) -> None:
+    """``gevent.spawn(event.wait)``: gevent's ``run`` and ``Event.wait`` are
+    compiled, and greenlet takes a started greenlet with no Python frame for
+    a running one (its ``gr_context`` raises ValueError). The ``run`` hook
+    keeps a Python frame at the bottom, compiled or not, so the leak watch
+    and ``stores_of`` can read what the waiting greenlet holds."""
+    event = gevent.event.Event()
+    glet = als.run("request", gevent.spawn, event.wait)
+    try:
+        gevent.sleep(0)
+        assert not glet.dead
+        context = glet.gr_context
+        assert context is not None and "request" in context.values()
+    finally:
+        event.set()
+        glet.join()
+    assert glet.gr_context is None
