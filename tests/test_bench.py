@@ -110,6 +110,7 @@ def test_only_takes_a_group_and_repeat() -> None:
 
 
 @pytest.mark.skipif(not instructions.available(), reason="valgrind is not installed")
+@pytest.mark.instructions  # the bench's plumbing, the same on every CPython: once, in CI
 def test_callgrind_adds_instruction_counts_to_a_micro_row() -> None:
     """--callgrind fills the instruction columns of a micro row: instructions
     per operation of each side and their ratio, which the mark is judged on."""
