@@ -71,11 +71,13 @@ PROXIED: ContextVar[Optional[str]] = ContextVar("asl_gevent.http.proxied", defau
 #: is such a header, so the common call pays one ``get``.
 OPTED_OUT: ContextVar[FrozenSet[str]] = ContextVar("asl_gevent.http.opted_out")
 
-#: True while a hook that decided for this request runs it (urllib3's
+#: Set while a hook that decided for this request runs it (urllib3's
 #: ``urlopen``): the layer below (http.client, which urllib3's connections
 #: are) passes through, so a request never gets the header twice and never
-#: one the upper layer decided against.
-DECIDED: ContextVar[bool] = ContextVar("asl_gevent.http.decided", default=False)
+#: one the upper layer decided against. The value is the headers that hook
+#: added (``True`` when none): urllib3 following a redirect on one pool calls
+#: ``urlopen`` again with them, and that hop takes them off and decides anew.
+DECIDED: ContextVar[Any] = ContextVar("asl_gevent.http.decided", default=False)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NO_HEADERS: Dict[str, str] = {}

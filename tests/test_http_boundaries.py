@@ -182,6 +182,34 @@ def test_each_redirect_hop_is_checked_against_the_targets(
     assert ids(a) == [["req-hop"]] and ids(b) == [[]]
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_urllib3_pool_following_its_own_redirect_decides_for_each_hop(
+        a: Recorder, uninstalled: None, method: str) -> None:
+    """urllib3's HTTPConnectionPool follows same-host redirects itself
+    (``pool.request()``, ``urlopen(redirect=True)``), recursing into
+    ``urlopen`` with the headers it was given: ours must not ride along to a
+    hop the targets exclude (a URL pattern), and a hop they include gets the
+    id once. (0.3 before this fix sent the id to every hop of such a pool.)"""
+    import urllib3
+    asl_gevent.http.install(targets=[
+        re.compile(rf"^http://127\.0\.0\.1:{port(a)}/(away\?%2Fpublic|api/)")])
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", port(a))
+
+    def call() -> None:
+        # /away?<url> answers 302 to <url>; urllib3 turns a POST's 302 into a GET.
+        pool.request(method, "/away?%2Fpublic%2Flanded")
+        pool.urlopen(method, "/away?%2Fapi%2Flanded", redirect=True)
+        pool.request(method, "/away?%2Fapi%2Fagain", headers={"X-Request-ID": "mine"})
+    try:
+        in_request("req-pool", call)
+    finally:
+        pool.close()
+    assert a.paths == ["/away?%2Fpublic%2Flanded", "/public/landed",
+                       "/away?%2Fapi%2Flanded", "/api/landed",
+                       "/away?%2Fapi%2Fagain", "/api/again"]
+    assert ids(a) == [["req-pool"], [], [], ["req-pool"], ["mine"], ["mine"]]
+
+
 def test_targets_match_hosts_domains_ports_and_patterns(uninstalled: None) -> None:
     """A plain string is a host, never a URL substring; '.example.com' is the
     domain and its subdomains; a pattern is searched in the normalised URL."""
