@@ -321,8 +321,8 @@ def _decode(header: object, max_store_bytes: int) -> Optional[Dict[str, Any]]:
             result["p"] = parent
         else:
             _warn_once("parent", "dropping a parent task id that is neither null nor a string of "
-                       "1 to 255 characters without control characters, U+2028/U+2029 or "
-                       "lone surrogates: %.80r", parent)
+                       "1 to 255 characters without control characters, U+2028/U+2029, "
+                       "bidi controls or lone surrogates: %.80r", parent)
     return result
 
 
