@@ -232,6 +232,41 @@ def test_targets_match_hosts_domains_ports_and_patterns(uninstalled: None) -> No
     assert in_request("r", asl_gevent.http.outgoing_headers) == {"X-Request-ID": "r"}
 
 
+@pytest.mark.parametrize("client", ["requests", "httpx"])
+def test_hosts_match_as_the_client_resolves_them_idna_and_percent(
+        a: Recorder, uninstalled: None, client: str) -> None:
+    """Through a forward proxy (a local recorder), so no DNS is needed: a
+    target written in Unicode matches the URL however the client spells the
+    host (requests sends punycode, httpx keeps Unicode in ``url.host``), and a
+    host with a percent-escape matches no host or domain target:
+    ``evil.com%2f.svc.local`` ends with ``.svc.local`` as text, but a proxy
+    that decodes it fetches ``evil.com``. (Before: the Unicode target matched
+    httpx only, the punycode one requests only, and the escaped host matched.)"""
+    import httpx
+    asl_gevent.http.install(targets=["bücher.de", ".svc.local", "xn--caf-dma.de"])
+    if client == "requests":
+        def get(url: str) -> None:
+            requests.get(url, proxies={"http": a.url}, timeout=10)
+    else:
+        def get(url: str) -> None:
+            with httpx.Client(proxy=a.url, timeout=10) as session:
+                session.get(url)
+    urls = ["http://bücher.de/1", "http://xn--bcher-kva.de/2", "http://BÜCHER.de/3",
+            "http://café.de/4", "http://a.svc.local/5"]
+    if client == "httpx":  # http.client (under requests) refuses a '%' in a Host header
+        urls += ["http://evil.com%2f.svc.local/6", "http://evil.com%2F.svc.local/7"]
+
+    def calls() -> None:
+        for url in urls:
+            get(url)
+    in_request("req-idn", calls)
+    assert len(a.paths) == len(urls)
+    assert ids(a) == [["req-idn"]] * 5 + [[]] * (len(urls) - 5)
+    # The same answers for a URL given to outgoing_headers().
+    assert [bool(in_request("r", asl_gevent.http.outgoing_headers, url)) for url in urls] == [
+        True] * 5 + [False] * (len(urls) - 5)
+
+
 def test_no_targets_sends_nothing_anywhere(a: Recorder, uninstalled: None) -> None:
     asl_gevent.http.install(targets=())
     in_request("req-1", requests.get, a.url)
