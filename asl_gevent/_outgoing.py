@@ -124,7 +124,10 @@ class Targets:
 
     def _add_host(self, item: str, domains: List[str], where: str) -> None:
         text = item.strip().lower()
-        if not text or "/" in text or "*" in text or any(c.isspace() for c in text):
+        # "." (or "..") named every host before 0.3's release: a domain with
+        # no name is a mistake, refused like any other non-host.
+        if (not text.strip(".") or "/" in text or "*" in text
+                or any(c.isspace() for c in text)):
             raise ValueError(
                 f"{where} argument 'targets': {item!r} is not a host name; give a host "
                 f"('api.internal', 'api.internal:8443'), a domain and its subdomains "

@@ -282,6 +282,9 @@ def test_no_targets_sends_nothing_anywhere(a: Recorder, uninstalled: None) -> No
     (["https://api.internal/"], ValueError, r"argument 'targets': 'https://api.internal/' is "
                                             r"not a host name"),
     (["*.example.com"], ValueError, r"argument 'targets': '\*.example.com' is not a host name"),
+    # "." matched every host (an empty domain ends every name)
+    (["."], ValueError, r"argument 'targets': '\.' is not a host name"),
+    ([".."], ValueError, r"argument 'targets': '\.\.' is not a host name"),
     (["api.internal:http"], ValueError, r"argument 'targets': 'api.internal:http' has a bad port"),
     ([re.compile(b"x")], TypeError, r"argument 'targets': .* is a bytes pattern"),
 ])
