@@ -68,9 +68,11 @@ if "_state" not in globals():
 # -- the hooks ----------------------------------------------------------------
 
 
-def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any) -> Any:
+def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any,
+            added: Dict[str, str]) -> Any:
     """*headers* plus each of *extra* the caller did not set (any case, str or
     bytes names): *headers* itself when nothing is missing, else a copy.
+    What it adds is also put in *added*.
 
     Written out with loops: comprehensions are frames of their own before
     CPython 3.12, and this runs on every call.
@@ -87,6 +89,7 @@ def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any) -> Any:
                 if merged is None:
                     merged = dict(lowered.values())
                 merged[key] = value
+                added[key] = value
         return headers if merged is None else merged
     present = set()
     for name in headers:
@@ -101,10 +104,8 @@ def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any) -> Any:
                 merged = (headers.copy() if type(headers) is dict or type(headers) is header_dict
                           or isinstance(headers, header_dict) else dict(headers))
             merged[key] = value
+            added[key] = value
     return headers if merged is None else merged
-
-
-_NOTHING: Dict[str, str] = {}
 
 
 def _without(headers: Any, added: Mapping[str, str]) -> Any:
@@ -153,12 +154,16 @@ def _urllib3_urlopen(original: Any) -> Any:
                 except Exception:  # an exotic mapping: this hop sends nothing of ours
                     return original(self, method, url, body, headers, *args, **kwargs)
         extra = decide(_urllib3_where, self, url)
+        added: Dict[str, str] = {}
         if extra:
             try:
-                headers = _merged(self.headers if headers is None else headers, extra, HTTPHeaderDict)
+                headers = _merged(self.headers if headers is None else headers, extra,
+                                  HTTPHeaderDict, added)
             except Exception:  # a caller's exotic mapping: send it as it is
-                extra = _NOTHING
-        token = DECIDED.set(extra or True)
+                added.clear()
+        # Only what we added: a header the caller set (even to the same id)
+        # stays on every hop.
+        token = DECIDED.set(added or True)
         try:
             return original(self, method, url, body, headers, *args, **kwargs)
         finally:

@@ -200,14 +200,19 @@ def test_a_urllib3_pool_following_its_own_redirect_decides_for_each_hop(
         pool.request(method, "/away?%2Fpublic%2Flanded")
         pool.urlopen(method, "/away?%2Fapi%2Flanded", redirect=True)
         pool.request(method, "/away?%2Fapi%2Fagain", headers={"X-Request-ID": "mine"})
+        # The caller's own header, even one equal to the request's id (as
+        # when forwarding it by hand), is theirs: it stays on every hop.
+        pool.request(method, "/away?%2Fpublic%2Fown", headers={"X-Request-ID": "req-pool"})
     try:
         in_request("req-pool", call)
     finally:
         pool.close()
     assert a.paths == ["/away?%2Fpublic%2Flanded", "/public/landed",
                        "/away?%2Fapi%2Flanded", "/api/landed",
-                       "/away?%2Fapi%2Fagain", "/api/again"]
-    assert ids(a) == [["req-pool"], [], [], ["req-pool"], ["mine"], ["mine"]]
+                       "/away?%2Fapi%2Fagain", "/api/again",
+                       "/away?%2Fpublic%2Fown", "/public/own"]
+    assert ids(a) == [["req-pool"], [], [], ["req-pool"], ["mine"], ["mine"],
+                      ["req-pool"], ["req-pool"]]
 
 
 def test_targets_match_hosts_domains_ports_and_patterns(uninstalled: None) -> None:
