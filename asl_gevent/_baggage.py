@@ -84,8 +84,13 @@ _VALUE_RE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 # What a restored value may not hold once percent-decoded: C0 controls (CR,
 # LF, NUL, ESC ...), DEL, C1 controls (NEL ...) and the Unicode line and
 # paragraph separators, any of which lets a client start a new, forged line in
-# a log or a terminal (issue 14: "tenant.plan=gold%0AINFO [admin] ...").
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# a log or a terminal (issue 14: "tenant.plan=gold%0AINFO [admin] ..."), and
+# the Unicode bidirectional controls (U+061C, U+200E/F, U+202A-E, U+2066-9;
+# the "Trojan Source" set, CVE-2021-42574), with which a value makes a log
+# viewer or terminal draw the rest of its line, the fields after it included,
+# in another order than it was written. Zero-width characters (U+200B, the
+# joiners, U+FEFF) only change how the value itself looks: kept.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def decode(header: str) -> Dict[str, str]:
@@ -93,13 +98,14 @@ def decode(header: str) -> Dict[str, str]:
 
     Client input: members with a malformed key or value are skipped, and so
     are members whose percent-decoded value holds a control character (C0,
-    DEL, C1, U+2028/U+2029); properties (after ``;``) are ignored. The work is
+    DEL, C1, U+2028/U+2029, a bidi control); properties (after ``;``) are ignored. The work is
     bounded by the spec's limits, not by the header: only the first 8,192
     characters are looked at (a member that runs past them is dropped whole)
     and at most 180 members, so a 6 MB header costs what an 8 KB one does.
     Never raises.
 
-    .. versionchanged:: 0.3 bounded before reading; control characters dropped.
+    .. versionchanged:: 0.3 bounded before reading; control characters
+       (and bidi controls) dropped.
     """
     found: Dict[str, str] = {}
     if not isinstance(header, str):

@@ -77,9 +77,11 @@ _NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
 _LONG_NUMBER_RE = re.compile(r"(?<![0-9])[0-9]{%d}" % (_MAX_DIGITS + 1))
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 # What a task id or parent task id may not hold: C0, DEL, C1 and U+2028/U+2029
-# (log-line breaks for many readers; the baggage decoder's rule) and lone
+# (log-line breaks for many readers), the bidi controls (a viewer redraws the
+# rest of the line; the baggage decoder's rule, _baggage._CONTROL_RE) and lone
 # surrogates, which a UTF-8 log handler cannot write (the record is lost).
-_UNSAFE_TEXT_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_UNSAFE_TEXT_RE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 _MAX_TASK_ID = 255
 
 # Causes already warned about: one warning per cause per process.
@@ -219,7 +221,8 @@ def _finite_float(text: str) -> float:
 def task_id(value: object) -> Optional[str]:
     """*value* if it may stand in ``task_storage`` (and so in log lines) as a
     task id or parent task id, else ``None``: a str of 1 to 255 characters
-    without C0/C1 control characters, DEL, U+2028/U+2029 or lone surrogates.
+    without C0/C1 control characters, DEL, U+2028/U+2029, bidi controls or
+    lone surrogates.
 
     >>> task_id("7f8e-11"), task_id("x\\nCRITICAL forged"), task_id("\\ud800"), task_id(None)
     ('7f8e-11', None, None, None)
@@ -318,8 +321,8 @@ def _decode(header: object, max_store_bytes: int) -> Optional[Dict[str, Any]]:
             result["p"] = parent
         else:
             _warn_once("parent", "dropping a parent task id that is neither null nor a string of "
-                       "1 to 255 characters without control characters, U+2028/U+2029 or "
-                       "lone surrogates: %.80r", parent)
+                       "1 to 255 characters without control characters, U+2028/U+2029, "
+                       "bidi controls or lone surrogates: %.80r", parent)
     return result
 
 

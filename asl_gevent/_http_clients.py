@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import _thread
 from types import ModuleType
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ._hooks import _loaded, _wraps_a_hook
 from ._imports import cancel_when_imported, when_imported
@@ -68,9 +68,11 @@ if "_state" not in globals():
 # -- the hooks ----------------------------------------------------------------
 
 
-def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any) -> Any:
+def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any,
+            added: Dict[str, str]) -> Any:
     """*headers* plus each of *extra* the caller did not set (any case, str or
     bytes names): *headers* itself when nothing is missing, else a copy.
+    What it adds is also put in *added*.
 
     Written out with loops: comprehensions are frames of their own before
     CPython 3.12, and this runs on every call.
@@ -87,6 +89,7 @@ def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any) -> Any:
                 if merged is None:
                     merged = dict(lowered.values())
                 merged[key] = value
+                added[key] = value
         return headers if merged is None else merged
     present = set()
     for name in headers:
@@ -101,7 +104,25 @@ def _merged(headers: Any, extra: Mapping[str, str], header_dict: Any) -> Any:
                 merged = (headers.copy() if type(headers) is dict or type(headers) is header_dict
                           or isinstance(headers, header_dict) else dict(headers))
             merged[key] = value
+            added[key] = value
     return headers if merged is None else merged
+
+
+def _without(headers: Any, added: Mapping[str, str]) -> Any:
+    """*headers* less each of *added* that still holds the value we added (a
+    copy; *headers* itself when there is none)."""
+    drop = []
+    for name in headers:
+        text = name.decode("latin-1") if isinstance(name, (bytes, bytearray)) else str(name)
+        for key, value in added.items():
+            if text.lower() == key.lower() and headers[name] == value:
+                drop.append(name)
+    if not drop:
+        return headers
+    kept = headers.copy() if hasattr(headers, "copy") else dict(headers)
+    for name in drop:
+        del kept[name]
+    return kept
 
 
 def _urllib3_where(pool: Any, url: str) -> Where:
@@ -119,15 +140,30 @@ def _urllib3_urlopen(original: Any) -> Any:
 
     def urlopen(self: Any, method: str, url: str, body: Any = None,
                 headers: Optional[Mapping[str, str]] = None, *args: Any, **kwargs: Any) -> Any:
-        if not _state.on or DECIDED.get():
+        if not _state.on:
             return original(self, method, url, body, headers, *args, **kwargs)
+        decided = DECIDED.get()
+        if decided:
+            # Inside our own urlopen: urllib3 following a redirect (or
+            # retrying) on this pool recurses here with the headers we gave
+            # it. This hop decides for its own URL: what we added for the
+            # previous one comes off first (a URL pattern may exclude it).
+            if decided is not True and headers is not None:
+                try:
+                    headers = _without(headers, decided)
+                except Exception:  # an exotic mapping: this hop sends nothing of ours
+                    return original(self, method, url, body, headers, *args, **kwargs)
         extra = decide(_urllib3_where, self, url)
+        added: Dict[str, str] = {}
         if extra:
             try:
-                headers = _merged(self.headers if headers is None else headers, extra, HTTPHeaderDict)
+                headers = _merged(self.headers if headers is None else headers, extra,
+                                  HTTPHeaderDict, added)
             except Exception:  # a caller's exotic mapping: send it as it is
-                pass
-        token = DECIDED.set(True)
+                added.clear()
+        # Only what we added: a header the caller set (even to the same id)
+        # stays on every hop.
+        token = DECIDED.set(added or True)
         try:
             return original(self, method, url, body, headers, *args, **kwargs)
         finally:

@@ -71,11 +71,13 @@ PROXIED: ContextVar[Optional[str]] = ContextVar("asl_gevent.http.proxied", defau
 #: is such a header, so the common call pays one ``get``.
 OPTED_OUT: ContextVar[FrozenSet[str]] = ContextVar("asl_gevent.http.opted_out")
 
-#: True while a hook that decided for this request runs it (urllib3's
+#: Set while a hook that decided for this request runs it (urllib3's
 #: ``urlopen``): the layer below (http.client, which urllib3's connections
 #: are) passes through, so a request never gets the header twice and never
-#: one the upper layer decided against.
-DECIDED: ContextVar[bool] = ContextVar("asl_gevent.http.decided", default=False)
+#: one the upper layer decided against. The value is the headers that hook
+#: added (``True`` when none): urllib3 following a redirect on one pool calls
+#: ``urlopen`` again with them, and that hop takes them off and decides anew.
+DECIDED: ContextVar[Any] = ContextVar("asl_gevent.http.decided", default=False)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NO_HEADERS: Dict[str, str] = {}
@@ -122,13 +124,16 @@ class Targets:
 
     def _add_host(self, item: str, domains: List[str], where: str) -> None:
         text = item.strip().lower()
-        if not text or "/" in text or "*" in text or any(c.isspace() for c in text):
+        # "." (or "..") named every host before 0.3's release: a domain with
+        # no name is a mistake, refused like any other non-host.
+        if (not text.strip(".") or "/" in text or "*" in text
+                or any(c.isspace() for c in text)):
             raise ValueError(
                 f"{where} argument 'targets': {item!r} is not a host name; give a host "
                 f"('api.internal', 'api.internal:8443'), a domain and its subdomains "
                 f"('.example.com'), or a URL pattern as re.compile(r'^https://api\\.example\\.com/')")
         if text.startswith("."):
-            domains.append(text.rstrip("."))
+            domains.append("." + _target_host(text[1:].rstrip("."), item, where))
             return
         host, port = text, None
         if text.startswith("["):  # [::1] or [::1]:8080
@@ -140,9 +145,9 @@ class Targets:
             if not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{where} argument 'targets': {item!r} has a bad port; "
                                  f"e.g. 'api.internal:8443'")
-            self.host_ports.add((host.rstrip("."), int(port)))
+            self.host_ports.add((_target_host(host.rstrip("."), item, where), int(port)))
         else:
-            self.hosts.add(host.rstrip("."))
+            self.hosts.add(_target_host(host.rstrip("."), item, where))
 
     def match(self, scheme: str, host: str, port: Optional[int], target: str,
               how: int) -> bool:
@@ -161,7 +166,11 @@ class Targets:
 
     def _allows(self, place: Tuple[str, str, Optional[int], str]) -> bool:
         scheme, host, port, target = place
-        if not host:
+        if not host or ("%" in host and ":" not in host):
+            # A percent-escape in a host name: no DNS name has one, and a
+            # proxy that decodes "evil.com%2f.svc.local" fetches evil.com,
+            # although the text ends with ".svc.local". (An IPv6 zone,
+            # "fe80::1%eth0", has colons.)
             return False
         if host in self.hosts or (host, port) in self.host_ports:
             return True
@@ -179,13 +188,14 @@ class Targets:
 _URL_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
 #: An RFC 3986 authority: ``[userinfo@]host[:port]``, with only the characters
 #: it allows (unreserved, percent-encoded, sub-delims; ``:`` in userinfo; an
-#: IP literal in brackets). A backslash, a space, a second ``@``, anything
+#: IP literal in brackets; a host name may be Unicode, an IRI's, which is
+#: then IDNA-encoded and must come out a host name). A backslash, a space, a second ``@``, anything
 #: else: not one, so the URL gets nothing (clients disagree on such URLs:
 #: ``http://127.0.0.1\@localhost/`` (one backslash) is localhost to urlsplit, 127.0.0.1 to
 #: urllib3).
 _AUTHORITY_RE = re.compile(
     r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})*@)?"
-    r"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)"
+    r"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=\x80-\U0010ffff]|%[0-9A-Fa-f]{2})+)"
     r"(?::([0-9]*))?")
 
 
@@ -213,9 +223,45 @@ def _normal(scheme: str, host: str, port: Optional[int],
     trailing dot, the scheme's default port when none is given."""
     scheme = scheme.lower()
     host = host.lower().strip("[]").rstrip(".")
+    if not host.isascii():
+        host = _ascii_host(host)
     if port is None:
         port = _DEFAULT_PORTS.get(scheme)
     return scheme, host, port, target
+
+
+def _target_host(host: str, item: str, where: str) -> str:
+    """A target's host as _normal spells hosts: "bücher.de" as requests and
+    urllib3 send it, so one spelling matches whichever the client used."""
+    if host.isascii():
+        return host
+    ascii_host = _ascii_host(host)
+    if not ascii_host:
+        raise ValueError(f"{where} argument 'targets': {item!r} is not a host name IDNA "
+                         f"can encode; e.g. 'xn--bcher-kva.de' for 'bücher.de'")
+    return ascii_host
+
+
+def _ascii_host(host: str) -> str:
+    """*host* (lower case, non-ASCII) in IDNA's ASCII form, as requests and
+    urllib3 send it (``bücher.de`` -> ``xn--bcher-kva.de``; httpx keeps the
+    Unicode form in ``url.host``); ``""`` (matches nothing) if it cannot be."""
+    try:
+        import idna  # what requests and urllib3 use (IDNA 2008, UTS 46)
+        ascii_host = str(idna.encode(host, uts46=True).decode("ascii"))
+    except ImportError:
+        try:
+            ascii_host = host.encode("idna").decode("ascii")  # IDNA 2003, the stdlib's
+        except UnicodeError:
+            return ""
+    except Exception:  # idna.IDNAError, UnicodeError: not a host name
+        return ""
+    # IDNA 2003 maps a fullwidth solidus to "/": "evil.com\uff0f.svc.local"
+    # must not come out ending with ".svc.local".
+    return ascii_host.lower().rstrip(".") if _ASCII_HOST_RE.fullmatch(ascii_host) else ""
+
+
+_ASCII_HOST_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def _url(scheme: str, host: str, port: Optional[int], target: str) -> str:

@@ -62,7 +62,7 @@ and keeps only what has the declared shape (a request store whose
 only if it does too, named stores as a JSON object without lone surrogates, finite
 numbers). The task id and parent task id that enter :data:`task_storage`
 are ``None`` unless they are 1 to 255 characters without control
-characters, U+2028/U+2029 or lone surrogates, so they cannot forge log
+characters, U+2028/U+2029, bidi controls or lone surrogates, so they cannot forge log
 lines. A bad header, or a
 bad part of one, is dropped with one warning per cause and the task runs
 without it; the worker never fails, hangs or loses a task because of it.

@@ -181,7 +181,7 @@ class RequestContextMiddleware:
         ``name.key=value`` (``(storage, str)`` is the same as the storage
         alone). Members of the other shape, malformed members, and members
         whose decoded value holds a control character (C0, DEL, C1, U+2028,
-        U+2029) are dropped; at most 8,192 bytes and 180 members are read,
+        U+2029, a bidi control) are dropped; at most 8,192 bytes and 180 members are read,
         whatever the header's size. Storages with no member keep the store
         the request started with. The middleware's own storage (and
         :data:`request_storage`) cannot be a baggage target: the request id

@@ -370,12 +370,17 @@ FORGE = "x\nCRITICAL [req=admin] forged line"
     # F4: our "p" with U+2028.
     ("t4", {HEADER: json.dumps({"p": "x\u2028CRITICAL forged"})},
      {"task_id": "t4", "parent_task_id": None}, None),
+    # Bidi controls: a log viewer would redraw the rest of the line reversed.
+    ("t6", {"parent_id": "p\u202e]detrats ksat"}, {"task_id": "t6", "parent_task_id": None},
+     None),
+    ("t7\u2066x", {}, {"task_id": None, "parent_task_id": None}, None),
     # What a real publisher sends still comes through.
     ("t5", {"parent_id": "parent-1", HEADER: json.dumps(
         {"r": {"request_id": "ok-5", "client_request_id": "c-5"}})},
      {"task_id": "t5", "parent_task_id": "parent-1"},
      {"request_id": "ok-5", "client_request_id": "c-5"}),
-], ids=["client-request-id", "celery-parent-id", "task-id", "parent-u2028", "p-u2028", "fine"])
+], ids=["client-request-id", "celery-parent-id", "task-id", "parent-u2028", "p-u2028",
+        "parent-bidi", "task-id-bidi", "fine"])
 def test_broker_ids_cannot_forge_log_lines(uuid_: str, request_: Dict[str, Any], task: Any,
                                            req: Any) -> None:
     """The task runs and logs exactly one line; a forged id is None (shown
@@ -384,6 +389,7 @@ def test_broker_ids_cannot_forge_log_lines(uuid_: str, request_: Dict[str, Any],
     assert (task_store, request_store) == (task, req)
     assert output.count("\n") == 1 and output.startswith("WARNING [req="), output
     assert "CRITICAL" not in output and "\u2028" not in output
+    assert "\u202e" not in output and "\u2066" not in output
 
 
 @pytest.mark.parametrize("request_", [

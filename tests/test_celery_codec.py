@@ -320,7 +320,9 @@ def test_request_store_drops_a_forged_client_id_alone(caplog: pytest.LogCaptureF
 
 @pytest.mark.parametrize("value", [
     "x\nCRITICAL forged", "a\rb", "a\x00b", "a\x7fb", "a\x85b", "a\u2028b", "a\u2029b",
-    "\ud800", "a\udfffb", "", "x" * 256, 7, ["a"], {"a": 1}])
+    "\ud800", "a\udfffb", "", "x" * 256, 7, ["a"], {"a": 1},
+    # bidi controls: a log viewer would redraw the rest of the line reversed
+    "t\u202eCRITICAL", "t\u2066x", "t\u200fx", "t\u061cx"])
 def test_task_ids_refuse_log_breaks_and_lone_surrogates(value: Any) -> None:
     """F3/F4: one rule for the task id, Celery's parent_id and our "p": no
     C0/C1/DEL, no U+2028/U+2029, no lone surrogate, 1 to 255 characters."""

@@ -182,6 +182,39 @@ def test_each_redirect_hop_is_checked_against_the_targets(
     assert ids(a) == [["req-hop"]] and ids(b) == [[]]
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_urllib3_pool_following_its_own_redirect_decides_for_each_hop(
+        a: Recorder, uninstalled: None, method: str) -> None:
+    """urllib3's HTTPConnectionPool follows same-host redirects itself
+    (``pool.request()``, ``urlopen(redirect=True)``), recursing into
+    ``urlopen`` with the headers it was given: ours must not ride along to a
+    hop the targets exclude (a URL pattern), and a hop they include gets the
+    id once. (0.3 before this fix sent the id to every hop of such a pool.)"""
+    import urllib3
+    asl_gevent.http.install(targets=[
+        re.compile(rf"^http://127\.0\.0\.1:{port(a)}/(away\?%2Fpublic|api/)")])
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", port(a))
+
+    def call() -> None:
+        # /away?<url> answers 302 to <url>; urllib3 turns a POST's 302 into a GET.
+        pool.request(method, "/away?%2Fpublic%2Flanded")
+        pool.urlopen(method, "/away?%2Fapi%2Flanded", redirect=True)
+        pool.request(method, "/away?%2Fapi%2Fagain", headers={"X-Request-ID": "mine"})
+        # The caller's own header, even one equal to the request's id (as
+        # when forwarding it by hand), is theirs: it stays on every hop.
+        pool.request(method, "/away?%2Fpublic%2Fown", headers={"X-Request-ID": "req-pool"})
+    try:
+        in_request("req-pool", call)
+    finally:
+        pool.close()
+    assert a.paths == ["/away?%2Fpublic%2Flanded", "/public/landed",
+                       "/away?%2Fapi%2Flanded", "/api/landed",
+                       "/away?%2Fapi%2Fagain", "/api/again",
+                       "/away?%2Fpublic%2Fown", "/public/own"]
+    assert ids(a) == [["req-pool"], [], [], ["req-pool"], ["mine"], ["mine"],
+                      ["req-pool"], ["req-pool"]]
+
+
 def test_targets_match_hosts_domains_ports_and_patterns(uninstalled: None) -> None:
     """A plain string is a host, never a URL substring; '.example.com' is the
     domain and its subdomains; a pattern is searched in the normalised URL."""
@@ -204,6 +237,41 @@ def test_targets_match_hosts_domains_ports_and_patterns(uninstalled: None) -> No
     assert in_request("r", asl_gevent.http.outgoing_headers) == {"X-Request-ID": "r"}
 
 
+@pytest.mark.parametrize("client", ["requests", "httpx"])
+def test_hosts_match_as_the_client_resolves_them_idna_and_percent(
+        a: Recorder, uninstalled: None, client: str) -> None:
+    """Through a forward proxy (a local recorder), so no DNS is needed: a
+    target written in Unicode matches the URL however the client spells the
+    host (requests sends punycode, httpx keeps Unicode in ``url.host``), and a
+    host with a percent-escape matches no host or domain target:
+    ``evil.com%2f.svc.local`` ends with ``.svc.local`` as text, but a proxy
+    that decodes it fetches ``evil.com``. (Before: the Unicode target matched
+    httpx only, the punycode one requests only, and the escaped host matched.)"""
+    import httpx
+    asl_gevent.http.install(targets=["bücher.de", ".svc.local", "xn--caf-dma.de"])
+    if client == "requests":
+        def get(url: str) -> None:
+            requests.get(url, proxies={"http": a.url}, timeout=10)
+    else:
+        def get(url: str) -> None:
+            with httpx.Client(proxy=a.url, timeout=10) as session:
+                session.get(url)
+    urls = ["http://bücher.de/1", "http://xn--bcher-kva.de/2", "http://BÜCHER.de/3",
+            "http://café.de/4", "http://a.svc.local/5"]
+    if client == "httpx":  # http.client (under requests) refuses a '%' in a Host header
+        urls += ["http://evil.com%2f.svc.local/6", "http://evil.com%2F.svc.local/7"]
+
+    def calls() -> None:
+        for url in urls:
+            get(url)
+    in_request("req-idn", calls)
+    assert len(a.paths) == len(urls)
+    assert ids(a) == [["req-idn"]] * 5 + [[]] * (len(urls) - 5)
+    # The same answers for a URL given to outgoing_headers().
+    assert [bool(in_request("r", asl_gevent.http.outgoing_headers, url)) for url in urls] == [
+        True] * 5 + [False] * (len(urls) - 5)
+
+
 def test_no_targets_sends_nothing_anywhere(a: Recorder, uninstalled: None) -> None:
     asl_gevent.http.install(targets=())
     in_request("req-1", requests.get, a.url)
@@ -219,6 +287,9 @@ def test_no_targets_sends_nothing_anywhere(a: Recorder, uninstalled: None) -> No
     (["https://api.internal/"], ValueError, r"argument 'targets': 'https://api.internal/' is "
                                             r"not a host name"),
     (["*.example.com"], ValueError, r"argument 'targets': '\*.example.com' is not a host name"),
+    # "." matched every host (an empty domain ends every name)
+    (["."], ValueError, r"argument 'targets': '\.' is not a host name"),
+    ([".."], ValueError, r"argument 'targets': '\.\.' is not a host name"),
     (["api.internal:http"], ValueError, r"argument 'targets': 'api.internal:http' has a bad port"),
     ([re.compile(b"x")], TypeError, r"argument 'targets': .* is a bytes pattern"),
 ])
