@@ -68,13 +68,17 @@ def _hub_errors(capfd: pytest.CaptureFixture[str]) -> Iterator[io.StringIO]:
 
 
 @pytest.fixture(name="caller")
-def _caller() -> State:
-    """The test runs as a request that already has stores (set in the test's
-    own context copy, see conftest)."""
-    A.enter_with("caller-a")
-    B.enter_with("caller-b")
-    VAR.set("caller-var")
-    return state()
+def _caller() -> Iterator[State]:
+    """The test runs as a request that already has stores. The fixture runs
+    in the session's context, which the test body gets a copy of (see
+    conftest): the stores are taken off again after the test, so that no
+    later test (the debug module's doctest) sees them."""
+    with A.scope("caller-a"), B.scope("caller-b"):
+        token = VAR.set("caller-var")
+        try:
+            yield state()
+        finally:
+            VAR.reset(token)
 
 
 def assert_nothing_leaked(before: State) -> None:
