@@ -9,6 +9,7 @@ reference counts.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import json
@@ -284,15 +285,40 @@ def test_compiled_hooks_keep_no_references() -> None:
     assert after[4] - before[4] < 100, (before, after)
 
 
+class _Waiter(gevent.Greenlet):  # type: ignore[misc]
+    def __init__(self, event: gevent.event.Event) -> None:
+        super().__init__()
+        self.event = event
+
+    def _run(self) -> None:
+        self.event.wait()
+
+
+@pytest.mark.parametrize("how", ["compiled-run", "python-function", "python-method",
+                                 "partial"])
 def test_a_waiting_greenlet_with_only_compiled_code_shows_its_context(
-        als: asl_gevent.AsyncLocalStorage[object]) -> None:
+        als: asl_gevent.AsyncLocalStorage[object], how: str) -> None:
     """``gevent.spawn(event.wait)``: gevent's ``run`` and ``Event.wait`` are
     compiled, and greenlet takes a started greenlet with no Python frame for
-    a running one (its ``gr_context`` raises ValueError). The ``run`` hook
-    keeps a Python frame at the bottom, compiled or not, so the leak watch
-    and ``stores_of`` can read what the waiting greenlet holds."""
+    a running one (its ``gr_context`` raises ValueError). The compiled
+    ``run`` hook keeps a Python frame at the bottom unless what gevent runs
+    is a Python function or method (whose own frame is there), so the leak
+    watch and ``stores_of`` can read what the waiting greenlet holds, in
+    every case."""
     event = gevent.event.Event()
-    glet = als.run("request", gevent.spawn, event.wait)
+
+    def start() -> gevent.Greenlet:
+        if how == "compiled-run":
+            return gevent.spawn(event.wait)
+        if how == "python-function":
+            return gevent.spawn(lambda: event.wait())
+        if how == "python-method":
+            waiter = _Waiter(event)
+            waiter.start()
+            return waiter
+        return gevent.spawn(functools.partial(event.wait, None))
+
+    glet = als.run("request", start)
     try:
         gevent.sleep(0)
         assert not glet.dead
