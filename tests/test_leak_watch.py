@@ -475,8 +475,11 @@ def test_watch_without_a_hub_keeps_nothing_and_says_so_once(
     kept = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     assert bodies == [f"w{n}".encode() for n in range(NO_HUB_REQUESTS)]
     assert sum(len(queue) for queue in _watch._pending.values()) == queued_before
-    # A thread-local slot and the warning counter, never per request.
-    assert kept < 1024, f"the watch kept {kept} bytes for {NO_HUB_REQUESTS} requests"
+    # Per thread, never per request: the server thread's main greenlet (made
+    # by the first getcurrent() there, and counted against this module:
+    # 288 B alone, up to ~1.1 KB after other tests) and the warning counter.
+    # Anything kept per request would be at least 1,500 x 16 B = 24 KB.
+    assert kept < 4096, f"the watch kept {kept} bytes for {NO_HUB_REQUESTS} requests"
     messages = [record.getMessage() for record in leak_log.records]
     assert len(messages) == 1, messages
     assert leak_log.records[0].levelname == "WARNING"
