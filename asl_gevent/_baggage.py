@@ -26,6 +26,8 @@ import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 from urllib.parse import quote, unquote
 
+from ._ids import LOG_UNSAFE
+
 __all__ = ["MAX_MEMBERS", "MAX_BYTES", "members_of", "encode_members", "decode", "store_from",
            "store_for"]
 
@@ -81,16 +83,10 @@ def encode_members(members: Iterable[Tuple[str, str]]) -> Tuple[str, int]:
 # Anything else -- a space inside, a raw control character, a raw byte past
 # 0x7E -- makes the member malformed, and it is dropped.
 _VALUE_RE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
-# What a restored value may not hold once percent-decoded: C0 controls (CR,
-# LF, NUL, ESC ...), DEL, C1 controls (NEL ...) and the Unicode line and
-# paragraph separators, any of which lets a client start a new, forged line in
-# a log or a terminal (issue 14: "tenant.plan=gold%0AINFO [admin] ..."), and
-# the Unicode bidirectional controls (U+061C, U+200E/F, U+202A-E, U+2066-9;
-# the "Trojan Source" set, CVE-2021-42574), with which a value makes a log
-# viewer or terminal draw the rest of its line, the fields after it included,
-# in another order than it was written. Zero-width characters (U+200B, the
-# joiners, U+FEFF) only change how the value itself looks: kept.
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+# What a restored value may not hold once percent-decoded: a character that
+# forges or redraws a log line (_ids.LOG_UNSAFE: controls, line separators,
+# bidi controls).
+_CONTROL_RE = re.compile(f"[{LOG_UNSAFE}]")
 
 
 def decode(header: str) -> Dict[str, str]:

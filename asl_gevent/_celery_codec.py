@@ -40,6 +40,7 @@ from itertools import accumulate
 from math import isfinite
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from ._ids import LOG_UNSAFE
 from ._ids import is_safe as _is_safe
 
 __all__ = ["MAX_DEPTH", "DEFAULT_MAX_STORE_BYTES", "REQUEST_KEYS", "header_limit", "encode_store",
@@ -76,12 +77,10 @@ _NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
 # run cost O(run x 4300).
 _LONG_NUMBER_RE = re.compile(r"(?<![0-9])[0-9]{%d}" % (_MAX_DIGITS + 1))
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-# What a task id or parent task id may not hold: C0, DEL, C1 and U+2028/U+2029
-# (log-line breaks for many readers), the bidi controls (a viewer redraws the
-# rest of the line; the baggage decoder's rule, _baggage._CONTROL_RE) and lone
-# surrogates, which a UTF-8 log handler cannot write (the record is lost).
-_UNSAFE_TEXT_RE = re.compile(
-    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+# What a task id or parent task id may not hold: what forges or redraws a log
+# line (_ids.LOG_UNSAFE, the baggage decoder's rule too) and lone surrogates,
+# which a UTF-8 log handler cannot write (the record is lost).
+_UNSAFE_TEXT_RE = re.compile(rf"[{LOG_UNSAFE}\ud800-\udfff]")
 _MAX_TASK_ID = 255
 
 # Causes already warned about: one warning per cause per process.

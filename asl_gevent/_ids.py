@@ -42,6 +42,18 @@ ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # text said "letters, digits, '-'".
 HEADER_NAME_RE = re.compile(r"[A-Za-z0-9-]+")
 
+#: What text from outside (a baggage value, a task id) may not hold once it
+#: can reach a log line, as a regular-expression character range: C0
+#: controls (CR, LF, NUL, ESC ...), DEL, C1 controls (NEL ...) and the Unicode
+#: line and paragraph separators, any of which starts a new, forged line in a
+#: log or a terminal (issue 14: "tenant.plan=gold%0AINFO [admin] ..."), and
+#: the Unicode bidirectional controls (U+061C, U+200E/F, U+202A-E, U+2066-9;
+#: the "Trojan Source" set, CVE-2021-42574), with which a value makes a log
+#: viewer draw the rest of its line, the fields after it included, in another
+#: order than it was written. Zero-width characters (U+200B, the joiners,
+#: U+FEFF) only change how the value itself looks: allowed.
+LOG_UNSAFE = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+
 Trust = Union[Callable[[Mapping[str, Any]], bool], Iterable[Any], None]
 
 
