@@ -634,6 +634,8 @@ def _accelerate() -> bool:
         from . import _speedups
     except ImportError:  # not built: no compiler at install time, or PyPy
         return False
+    if not all(hasattr(_speedups, name) for name in ("hook", "storage_type", "storage_methods")):
+        return False  # built from older sources (an editable install not rebuilt)
     _on_spawn = _speedups.hook(_py_on_spawn)
     _greenlet_run = _speedups.hook(_py_greenlet_run)
     _rawlink = _speedups.hook(_py_rawlink)
@@ -644,5 +646,6 @@ def _accelerate() -> bool:
 #: uncommon cases).
 _py_on_spawn, _py_greenlet_run, _py_rawlink = _on_spawn, _greenlet_run, _rawlink
 
-#: Whether the compiled hooks are in use (see :data:`asl_gevent.SPEEDUPS`).
+#: Whether the compiled hooks (and storage class, see asl_gevent._storage)
+#: are in use (see :data:`asl_gevent.SPEEDUPS`).
 SPEEDUPS: bool = _accelerate()

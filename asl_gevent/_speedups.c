@@ -25,6 +25,14 @@
  * A hook is a function-like object: it has a __dict__ (install() marks its
  * hooks with attributes), binds as a method when it is a class attribute
  * (Greenlet.run, Greenlet.rawlink) and is called by vectorcall.
+ *
+ * It also makes the type of asl_gevent.AsyncLocalStorage (storage_type(),
+ * at the end): asl_gevent._storage defines the class in Python and copies
+ * every method but get_store/getStore onto this type, whose get_store is a
+ * C method reading the storage's ContextVar. Found on the class and called on
+ * an instance of exactly that type, CPython 3.10-3.13 all specialise the
+ * call (3.11 specialises no other kind of lookup before a call), so
+ * als.get_store() costs what var.get() does (issue 17).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -475,18 +483,216 @@ make_hook(PyObject *module, PyObject *function)
     return (PyObject *)self;
 }
 
+/* -- the storage type ----------------------------------------------------- */
+
+/* An AsyncLocalStorage: the three slots asl_gevent._storage's methods use,
+ * an instance __dict__ (managed by CPython >= 3.12, whose lookups specialise
+ * only then) and weak references (_NAMED is a WeakSet). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *var;       /* _var: the storage's ContextVar (has a default) */
+    PyObject *name;      /* _name */
+    PyObject *dflt;      /* _default */
+    PyObject *orig_class; /* __orig_class__, see asl_gevent._storage */
+#if PY_VERSION_HEX < 0x030C0000
+    PyObject *dict;
+#endif
+    PyObject *weakreflist;
+} StorageObject;
+
+#if PY_VERSION_HEX >= 0x030D0000
+#  define VISIT_MANAGED_DICT PyObject_VisitManagedDict
+#  define CLEAR_MANAGED_DICT PyObject_ClearManagedDict
+#elif PY_VERSION_HEX >= 0x030C0000
+#  define VISIT_MANAGED_DICT _PyObject_VisitManagedDict
+#  define CLEAR_MANAGED_DICT _PyObject_ClearManagedDict
+#endif
+
+/* get_store(): the storage's ContextVar.get(). */
+static PyObject *
+storage_get_store(StorageObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *value;
+    if (self->var == NULL) {
+        /* As the pure-Python class, whose get_store slot is then empty. */
+        PyErr_Format(PyExc_AttributeError,
+                     "'%.200s' object has no attribute 'get_store' (its "
+                     "__init__ did not run: call super().__init__())",
+                     Py_TYPE(self)->tp_name);
+        return NULL;
+    }
+    if (PyContextVar_Get(self->var, NULL, &value) < 0)
+        return NULL;
+    if (value == NULL)  /* not reached: the variable has a default */
+        Py_RETURN_NONE;
+    return value;
+}
+
+static int
+storage_traverse(StorageObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->var);
+    Py_VISIT(self->name);
+    Py_VISIT(self->dflt);
+    Py_VISIT(self->orig_class);
+#if PY_VERSION_HEX < 0x030C0000
+    Py_VISIT(self->dict);
+#else
+    VISIT_MANAGED_DICT((PyObject *)self, visit, arg);
+#endif
+    return 0;
+}
+
+static int
+storage_clear(StorageObject *self)
+{
+    Py_CLEAR(self->var);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->dflt);
+    Py_CLEAR(self->orig_class);
+#if PY_VERSION_HEX < 0x030C0000
+    Py_CLEAR(self->dict);
+#else
+    CLEAR_MANAGED_DICT((PyObject *)self);
+#endif
+    return 0;
+}
+
+static void
+storage_dealloc(StorageObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    storage_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);  /* a heap type: each instance holds a reference */
+}
+
+/* The docstrings come from Python (storage_type()'s argument), so the two
+ * classes document get_store with one text; kept alive for good. */
+static PyMethodDef storage_methods[] = {
+    {"get_store", (PyCFunction)storage_get_store, METH_NOARGS, NULL},
+    {"getStore", (PyCFunction)storage_get_store, METH_NOARGS, NULL},
+    {NULL}
+};
+static PyObject *storage_docs[2];
+
+static PyMemberDef storage_members[] = {
+    {"_var", T_OBJECT_EX, offsetof(StorageObject, var), 0, NULL},
+    {"_name", T_OBJECT_EX, offsetof(StorageObject, name), 0, NULL},
+    {"_default", T_OBJECT, offsetof(StorageObject, dflt), 0, NULL},
+    {"__orig_class__", T_OBJECT_EX, offsetof(StorageObject, orig_class), 0, NULL},
+#if PY_VERSION_HEX < 0x030C0000
+    {"__dictoffset__", T_PYSSIZET, offsetof(StorageObject, dict), READONLY, NULL},
+#endif
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(StorageObject, weakreflist), READONLY, NULL},
+    {NULL}
+};
+
+static PyGetSetDef storage_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL}
+};
+
+static PyType_Slot storage_slots[] = {
+    {Py_tp_methods, storage_methods},
+    {Py_tp_members, storage_members},
+    {Py_tp_getset, storage_getset},
+    {Py_tp_traverse, storage_traverse},
+    {Py_tp_clear, storage_clear},
+    {Py_tp_dealloc, storage_dealloc},
+    {0, NULL}
+};
+
+static PyType_Spec storage_spec = {
+    .name = "asl_gevent._storage.AsyncLocalStorage",
+    .basicsize = sizeof(StorageObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC
+#if PY_VERSION_HEX >= 0x030C0000
+             | Py_TPFLAGS_MANAGED_DICT
+#endif
+    ,
+    .slots = storage_slots,
+};
+
+/* storage_methods(cls): get_store and getStore for a subclass of a
+ * storage_type(), made for it. CPython specialises a call of a C method only
+ * on an instance of the exact type the method was made for, so each subclass
+ * that does not override get_store gets its own (asl_gevent._storage's
+ * __init_subclass__): its instances read at the plain class's cost. */
+static PyObject *
+storage_methods_for(PyObject *module, PyObject *cls)
+{
+    if (!PyType_Check(cls)) {
+        PyErr_Format(PyExc_TypeError, "storage_methods() argument must be a type, not %R", cls);
+        return NULL;
+    }
+    /* The methods cast self to StorageObject: only for types of that layout. */
+    PyTypeObject *base = (PyTypeObject *)cls;
+    while (base != NULL && base->tp_dealloc != (destructor)storage_dealloc)
+        base = base->tp_base;
+    if (base == NULL) {
+        PyErr_Format(PyExc_TypeError,
+                     "storage_methods() argument must be a subclass of a storage_type(), not %R",
+                     cls);
+        return NULL;
+    }
+    PyObject *get = PyDescr_NewMethod((PyTypeObject *)cls, &storage_methods[0]);
+    PyObject *node = get == NULL ? NULL : PyDescr_NewMethod((PyTypeObject *)cls, &storage_methods[1]);
+    if (node == NULL) {
+        Py_XDECREF(get);
+        return NULL;
+    }
+    PyObject *pair = PyTuple_Pack(2, get, node);
+    Py_DECREF(get);
+    Py_DECREF(node);
+    return pair;
+}
+
+/* storage_type(bases, get_store_doc, getStore_doc): a new type with the
+ * slots and the two C methods; asl_gevent._storage adds the rest. */
+static PyObject *
+storage_type(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyUnicode_Check(args[1])
+            || !PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "storage_type(bases: tuple, get_store_doc: str, getStore_doc: str)");
+        return NULL;
+    }
+    for (int i = 0; i < 2; i++) {
+        if (storage_docs[i] == NULL) {  /* the first call's (a reload's are the same) */
+            const char *text = PyUnicode_AsUTF8(args[1 + i]);
+            if (text == NULL)
+                return NULL;
+            storage_docs[i] = Py_NewRef(args[1 + i]);
+            storage_methods[i].ml_doc = text;
+        }
+    }
+    return PyType_FromSpecWithBases(&storage_spec, args[0]);
+}
+
 static PyMethodDef module_methods[] = {
     {"hook", make_hook, METH_O,
      "hook(function)\n--\n\n"
      "The compiled version of asl_gevent._paths' _on_spawn, _greenlet_run or\n"
      "_rawlink: it does the common case and calls *function* for the rest."},
+    {"storage_type", (PyCFunction)(void (*)(void))storage_type, METH_FASTCALL,
+     "storage_type(bases, get_store_doc, getStore_doc)\n--\n\n"
+     "A type for asl_gevent.AsyncLocalStorage whose get_store is in C."},
+    {"storage_methods", storage_methods_for, METH_O,
+     "storage_methods(cls)\n--\n\n"
+     "(get_store, getStore) made for cls, a subclass of a storage_type()."},
     {NULL}
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "asl_gevent._speedups",
-    .m_doc = "The spawn + join hooks of asl_gevent._paths in C (optional).",
+    .m_doc = "The spawn + join hooks of asl_gevent._paths, and the storage type, in C (optional).",
     .m_size = -1,
     .m_methods = module_methods,
 };

@@ -25,12 +25,14 @@ siblings.
 from __future__ import annotations
 
 from contextvars import ContextVar, copy_context
-from types import CoroutineType
-from typing import Any, Callable, Generic, List, Optional, TypeVar
+from types import CoroutineType, MemberDescriptorType, MethodDescriptorType
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Generic, List, Optional, Tuple,
+                    TypeVar)
 from weakref import WeakSet
 
 from greenlet import getcurrent
 
+from . import _paths
 from ._context import bound_to, call_in, check_callable, in_context
 from ._hooks import install_on_first_use
 from ._paths import capture_context
@@ -158,39 +160,51 @@ class AsyncLocalStorage(Generic[T]):
     .. versionadded:: 0.1
     """
 
-    # ``get_store`` and ``getStore`` are slots, not methods: each instance
-    # holds its variable's own bound ``ContextVar.get`` (a C function) in a
-    # slot, and ``als.get_store()`` is a slot read plus that call. A slot is
-    # a data descriptor on the class, so CPython >= 3.12 specialises the
-    # lookup (LOAD_ATTR_SLOT): 0.98x a raw ``var.get()`` in instructions on
-    # 3.12 and 3.13, 1.09x on 3.10 (3.11 cannot specialise any lookup but a
-    # method's: 1.66x). 0.2 kept the bound method in the instance ``__dict__``
-    # over a class method, which no CPython specialises: 1.86x on 3.11,
-    # 1.88x on 3.12, 1.97x on 3.13 (callgrind; ``python -m asl_gevent.bench``).
+    # In pure Python, ``get_store`` and ``getStore`` are slots, not methods:
+    # each instance holds its variable's own bound ``ContextVar.get`` (a C
+    # function) in a slot, and ``als.get_store()`` is a slot read plus that
+    # call. A slot is a data descriptor on the class, so CPython >= 3.12
+    # specialises the lookup (LOAD_ATTR_SLOT): 0.98x a raw ``var.get()`` in
+    # instructions on 3.12 and 3.13, 1.09x on 3.10; 3.11 specialises no
+    # lookup before a call but a method's: 1.71x. 0.2 kept the bound method in
+    # the instance ``__dict__`` over a class method, which no CPython
+    # specialises: 1.86x on 3.11, 1.88x on 3.12, 1.97x on 3.13 (callgrind;
+    # ``python -m asl_gevent.bench``). With the compiled accelerator the class
+    # is remade as a C type whose get_store is a C method (see
+    # :func:`_compiled_class`): about 1.0x on every CPython.
     # ``__dict__`` stays, so instances take attributes as before.
     __slots__ = {
         "get_store": """Return the current store, or :attr:`default` when there is none.
 
-        Called as ``als.get_store()``. On the plain class it is the storage's
-        own :meth:`contextvars.ContextVar.get` (no Python frame); a subclass
-        may override it with a method, and :meth:`getStore` then calls the
-        override (so does ``super().get_store()``, which reads the slot).
-        A reference taken before :meth:`disable` (``read = als.get_store``)
-        keeps reading the stores of before it: look ``get_store`` up again.
+        Called as ``als.get_store()``; no Python frame runs on the plain
+        class. A subclass may override it with a method, and :meth:`getStore`
+        then calls the override (``super().get_store()`` reads the store).
+        After :meth:`disable`, look ``get_store`` up again: a reference taken
+        before (``read = als.get_store``) may keep reading the old stores.
 
         .. versionchanged:: 0.3
-           A slot holding the variable's ``get``, not a method: reading a
-           store costs what a raw ``ContextVar.get()`` does on CPython >= 3.12.
-           ``AsyncLocalStorage.get_store(als)`` (the class attribute called
-           with an instance) no longer works; call ``als.get_store()``.
+           Costs what a raw :meth:`contextvars.ContextVar.get` does: with the
+           compiled accelerator a C method, in pure Python a slot holding the
+           variable's ``get`` (then ``AsyncLocalStorage.get_store(als)``,
+           the class attribute called with an instance, does not work; call
+           ``als.get_store()``).
         """,
         "getStore": "Node's name for :attr:`get_store` (calls a subclass's override).",
         "_name": None, "_default": None, "_var": None,
+        # Where ``AsyncLocalStorage[str](...)`` puts the alias it was made
+        # by: in the instance ``__dict__``, it would stop CPython >= 3.13
+        # (3.10 too) specialising ``get_store`` on the compiled class.
+        "__orig_class__": None,
         "__dict__": None, "__weakref__": None,
     }
 
     get_store: Callable[[], Optional[T]]
     getStore: Callable[[], Optional[T]]  # noqa: N815 - Node's name
+    #: This class, pure or compiled, for its methods (and a subclass's) to
+    #: find it: not ``__class__``, which is the pure one in both.
+    _plain: ClassVar[Any]
+    #: The compiled class's :func:`asl_gevent._speedups.storage_methods`.
+    _methods_for: ClassVar[Optional[Callable[[type], Tuple[Any, Any]]]] = None
 
     def __init__(self, name: str = "", *, default: Optional[T] = None) -> None:
         if not isinstance(name, str):
@@ -207,33 +221,40 @@ class AsyncLocalStorage(Generic[T]):
         install_on_first_use()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # A subclass that overrides get_store but not getStore: Node's name
-        # calls the override, as the base's getStore did in 0.2.
-        slots = __class__.__dict__  # type: ignore[name-defined]
-        if cls.get_store is not slots["get_store"] and cls.getStore is slots["getStore"]:
-            cls.getStore = _call_get_store  # type: ignore[assignment]
+        plain = cls._plain
+        super(plain, cls).__init_subclass__(**kwargs)
+        if not _reads_the_variable(cls.get_store):
+            # It overrides get_store; if not getStore, Node's name calls the
+            # override, as the base's getStore did in 0.2.
+            if _reads_the_variable(cls.getStore):
+                cls.getStore = _call_get_store  # type: ignore[assignment]
+        elif plain._methods_for is not None:
+            # Compiled: C methods made for this class, see _speedups.c.
+            get, node = plain._methods_for(cls)
+            cls.get_store = get
+            if _reads_the_variable(cls.getStore):
+                cls.getStore = node
 
     def _new_var(self) -> None:
-        # A ContextVar made with a default answers ``get()`` with no argument,
-        # so the slots can hold the variable's own (C) bound method.
+        # A ContextVar made with a default answers ``get()`` with no argument.
         # ``disable()`` swaps in a fresh variable, which is how stores set
-        # before it become unreachable in every context at once. The slots
-        # are written through their descriptors: a subclass's get_store
-        # method (found first on lookup) stays in charge, and
-        # ``super().get_store()`` reads the slot.
+        # before it become unreachable in every context at once.
         label = self._name or f"0x{id(self):x}"
         var: ContextVar[Any] = ContextVar(
             f"asl_gevent.AsyncLocalStorage<{label}>", default=self._default
         )
         self._var = var
-        get = var.get
-        # ``__class__`` (this class, by closure), not a module global: after
+        # In pure Python the slots hold the variable's own (C) bound method,
+        # written through their descriptors: a subclass's get_store method
+        # (found first on lookup) stays in charge, and ``super().get_store()``
+        # reads the slot. ``self._plain``, not a module global: after
         # importlib.reload, storages made before it are of the old class,
         # whose slots the new class's descriptors refuse.
-        slots = __class__.__dict__  # type: ignore[name-defined]
-        slots["get_store"].__set__(self, get)
-        slots["getStore"].__set__(self, get)
+        slots = self._plain.__dict__
+        if type(slots["get_store"]) is MemberDescriptorType:
+            get = var.get
+            slots["get_store"].__set__(self, get)
+            slots["getStore"].__set__(self, get)
 
     @property
     def name(self) -> str:
@@ -326,6 +347,46 @@ class AsyncLocalStorage(Generic[T]):
     # -- camelCase aliases for code ported from Node -----------------------------
 
     enterWith = enter_with  # noqa: N815 - Node's name
+
+
+AsyncLocalStorage._plain = AsyncLocalStorage
+
+#: The pure-Python class, whichever runs (the tests hold the two to one
+#: behaviour).
+PyAsyncLocalStorage = AsyncLocalStorage
+
+
+def _compiled_class(py: type) -> type:
+    """*py* remade on :mod:`asl_gevent._speedups`' storage type.
+
+    The C type has *py*'s slots (``_var``, ``_name``, ``_default``, an
+    instance ``__dict__``, weak references) and a C ``get_store`` and
+    ``getStore`` with the slots' docstrings; every other attribute of *py*
+    (methods, properties, ``__init__``, ``__orig_bases__``...) is copied onto
+    it, so both classes run the same Python code.
+    """
+    from . import _speedups
+
+    docs = {name: f"{name}($self, /)\n--\n\n{py.__slots__[name]}"  # type: ignore[attr-defined]
+            for name in ("get_store", "getStore")}
+    cls = _speedups.storage_type(py.__bases__, docs["get_store"], docs["getStore"])
+    for key, value in vars(py).items():
+        if key not in py.__slots__ and key != "__slots__":  # type: ignore[attr-defined]
+            setattr(cls, key, value)
+    cls._plain = cls  # type: ignore[attr-defined]
+    cls._methods_for = staticmethod(_speedups.storage_methods)  # type: ignore[attr-defined]
+    return cls
+
+
+if _paths.SPEEDUPS and not TYPE_CHECKING:
+    AsyncLocalStorage = _compiled_class(AsyncLocalStorage)  # noqa: F811
+
+
+def _reads_the_variable(attr: Any) -> bool:
+    """Whether *attr* (a class's ``get_store`` or ``getStore``) is a storage's
+    own read of its variable, a slot or a C method, rather than an override."""
+    return type(attr) in (MemberDescriptorType, MethodDescriptorType) \
+        and attr.__name__ in ("get_store", "getStore")
 
 
 def _call_get_store(self: AsyncLocalStorage[T]) -> Optional[T]:

@@ -137,7 +137,8 @@ def format_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
 
     .. versionadded:: 0.2
     .. versionchanged:: 0.3 the greenlets' header names asl_gevent's version
-       and whether its hooks run compiled (:data:`asl_gevent.SPEEDUPS`).
+       and whether its hooks and ``get_store`` run compiled
+       (:data:`asl_gevent.SPEEDUPS`).
     """
     from gevent import monkey
 
@@ -146,7 +147,7 @@ def format_run_info(thread_stacks: bool = True, greenlet_stacks: bool = True,
     _gevent_util._format_thread_info(lines, thread_stacks, limit, current)
     lines.append("*" * 80)
     lines.append("* Greenlets, with the stores of asl_gevent")
-    lines.append(f"* asl_gevent {__version__}, spawn + join hooks "
+    lines.append(f"* asl_gevent {__version__}, spawn + join hooks and get_store "
                  f"{'compiled' if _paths.SPEEDUPS else 'in pure Python'} (asl_gevent.SPEEDUPS)")
     lines.append("*" * 80)
     def order(tree: Any) -> str:

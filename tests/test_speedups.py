@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import gc
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -82,7 +83,7 @@ def test_compiled_hooks_are_used_by_default_when_built(value: str | None) -> Non
     the three hooks are the compiled ones, run info says so, stores follow."""
     out = _probe(value)
     assert out == {"speedups": True, "types": ["hook"], "python": False,
-                   "header": ["* asl_gevent %s, spawn + join hooks compiled "
+                   "header": ["* asl_gevent %s, spawn + join hooks and get_store compiled "
                               "(asl_gevent.SPEEDUPS)" % asl_gevent.__version__],
                    "seen": "request"}
 
@@ -93,7 +94,7 @@ def test_env_var_forces_the_pure_python_hooks(value: str) -> None:
     is the Python function, as without the extension."""
     out = _probe(value)
     assert out == {"speedups": False, "types": ["function"], "python": True,
-                   "header": ["* asl_gevent %s, spawn + join hooks in pure Python "
+                   "header": ["* asl_gevent %s, spawn + join hooks and get_store in pure Python "
                               "(asl_gevent.SPEEDUPS)" % asl_gevent.__version__],
                    "seen": "request"}
 
@@ -328,3 +329,153 @@ def test_a_waiting_greenlet_with_only_compiled_code_shows_its_context(
         event.set()
         glet.join()
     assert glet.gr_context is None
+
+
+# -- the storage class: C type and pure Python behave the same --------------------
+
+
+def _classes() -> list[Any]:
+    from asl_gevent import _storage
+
+    return [pytest.param(_storage.PyAsyncLocalStorage, id="python"),
+            pytest.param(asl_gevent.AsyncLocalStorage, id="in-use")]
+
+
+def test_storage_class_matches_what_runs() -> None:
+    """With SPEEDUPS the storage class is the C type (get_store a C method
+    found on the class); without, the pure-Python class (get_store a slot)."""
+    from asl_gevent import _storage
+
+    cls = asl_gevent.AsyncLocalStorage
+    kind = type(vars(cls)["get_store"]).__name__
+    if asl_gevent.SPEEDUPS:
+        assert cls is not _storage.PyAsyncLocalStorage
+        assert (kind, type(vars(cls)["getStore"]).__name__) == ("method_descriptor",) * 2
+        assert "__slots__" not in vars(cls)
+    else:
+        assert cls is _storage.PyAsyncLocalStorage
+        assert kind == "member_descriptor"
+    assert cls.__module__ == "asl_gevent._storage" and cls.__qualname__ == "AsyncLocalStorage"
+    assert cls.__mro__[1:] == _storage.PyAsyncLocalStorage.__mro__[1:]
+    # One text for both: the slot's docstring is the C method's.
+    doc = inspect.getdoc(vars(cls)["get_store"])
+    assert doc is not None and doc.startswith("Return the current store")
+    assert doc == inspect.cleandoc(_storage.PyAsyncLocalStorage.__slots__["get_store"])
+
+
+def _subclass(base: Any) -> Any:
+    class Shout(base):  # type: ignore[misc,valid-type]
+        def get_store(self) -> Any:
+            store = super().get_store()
+            return None if store is None else f"{store}!"
+
+    return Shout
+
+
+@pytest.mark.parametrize("cls", _classes())
+def test_storage_classes_behave_alike(cls: Any) -> None:
+    """Everything a user does with a storage gives the same answers on both
+    classes: stores through run/spawn/enter_with/exit/scope/disable, default,
+    name, repr, attributes, weak references, generics and subclasses."""
+    als = cls("alike", default="none")
+    assert (als.name, als.default, repr(als)) == ("alike", "none", "<AsyncLocalStorage name='alike'>")
+    assert als.get_store() == als.getStore() == "none"
+    assert als.run("s", lambda: gevent.spawn(als.get_store).get(timeout=5)) == "s"
+    assert als.run("s", als.exit, als.getStore) == "none"
+
+    def entered() -> Any:
+        als.enter_with("e")
+        return als.get_store(), gevent.spawn(als.getStore).get(timeout=5)
+
+    assert als.run("s", entered) == ("e", "e")
+    with als.scope("w") as value:
+        assert value == "w" and als.get_store() == "w"
+    assert als.get_store() == "none"
+    als.enter_with("kept")
+    try:
+        als.disable()
+        assert als.get_store() == "none"
+    finally:
+        als.enter_with("none")
+    als.extra = 1  # instances take attributes, as before
+    assert vars(als) == {"extra": 1}
+    assert weakref.ref(als)() is als
+    assert cls.__parameters__ and cls.__orig_bases__
+    typed = cls[str](name="typed")  # the alias goes to a slot: the __dict__ stays empty
+    assert (typed.__orig_class__, vars(typed)) == (cls[str], {})
+    shout_class = _subclass(cls)
+    shout = shout_class(name="sub")
+    assert shout.run("hi", shout.get_store) == shout.run("hi", shout.getStore) == "hi!"
+    assert isinstance(shout, cls)
+    # Subclasses with and without overrides, in a chain: each reads what its
+    # nearest get_store says, through either name.
+    quiet = type("Quiet", (cls,), {})(name="quiet")
+    assert quiet.run("q", quiet.get_store) == quiet.run("q", quiet.getStore) == "q"
+    loud = type("Loud", (shout_class,), {})(name="loud")
+    assert loud.run("l", loud.get_store) == loud.run("l", loud.getStore) == "l!"
+    with pytest.raises(TypeError, match="argument 'name' must be a str"):
+        cls(7)
+
+    class NoInit(cls):  # type: ignore[misc,valid-type]
+        def __init__(self) -> None:  # forgets super().__init__()
+            pass
+
+    with pytest.raises(AttributeError, match="get_store"):
+        NoInit().get_store()
+
+
+@pytest.mark.parametrize("cls", _classes())
+def test_storage_classes_keep_no_references(cls: Any) -> None:
+    """Reading a store 10,000 times leaves its reference count as it was; a
+    storage in a reference cycle through its own attributes is collected."""
+    store = object()
+    als = cls("refs")
+    als.enter_with(store)
+    try:
+        before = sys.getrefcount(store)
+        for _ in range(10_000):
+            als.get_store()
+            als.getStore()
+        assert sys.getrefcount(store) == before
+    finally:
+        als.enter_with(None)
+    als.me = als
+    ref = weakref.ref(als)
+    del als
+    gc.collect()
+    assert ref() is None
+
+
+def test_each_subclass_gets_c_methods_made_for_it() -> None:
+    """Compiled: CPython specialises a C method's call only on an instance of
+    the class it was made for, so a subclass that does not override get_store
+    gets its own (getStore too); one that overrides keeps its override, and
+    getStore calls it. In pure Python, subclasses share the base's slots."""
+    base = asl_gevent.AsyncLocalStorage
+    if not asl_gevent.SPEEDUPS:
+        quiet = type("Quiet", (base,), {})
+        assert "get_store" not in vars(quiet) and "getStore" not in vars(quiet)
+        return
+    from asl_gevent import _speedups
+
+    class Plain(base):  # type: ignore[misc,valid-type]
+        pass
+
+    class Override(Plain):
+        def get_store(self) -> Any:
+            return ("override", super().get_store())
+
+    class Below(Override):
+        pass
+
+    for cls in (Plain,):
+        for name in ("get_store", "getStore"):
+            method = vars(cls)[name]
+            assert type(method).__name__ == "method_descriptor" and method.__objclass__ is cls
+    assert "get_store" not in vars(Below) and vars(Override)["getStore"].__name__ == "getStore"
+    below = Below(name="below")
+    assert below.run(1, below.getStore) == below.run(1, below.get_store) == ("override", 1)
+    with pytest.raises(TypeError, match="must be a subclass of a storage_type"):
+        _speedups.storage_methods(int)
+    with pytest.raises(TypeError, match="must be a type"):
+        _speedups.storage_methods(Plain(name="x"))
