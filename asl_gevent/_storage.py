@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from contextvars import ContextVar, copy_context
 from types import CoroutineType, MemberDescriptorType, MethodDescriptorType
-from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Generic, List, Optional, Tuple,
-                    TypeVar)
-from weakref import WeakSet
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Dict, Generic, List, Optional,
+                    Tuple, TypeVar)
+from weakref import WeakKeyDictionary, WeakSet
 
 from greenlet import getcurrent
 
@@ -223,17 +223,14 @@ class AsyncLocalStorage(Generic[T]):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         plain = cls._plain
         super(plain, cls).__init_subclass__(**kwargs)
-        if not _reads_the_variable(cls.get_store):
-            # It overrides get_store; if not getStore, Node's name calls the
+        # As the pure-Python class's lookup finds them (see _found).
+        get, node = _found(cls.__mro__, "get_store"), _found(cls.__mro__, "getStore")
+        if not _reads_the_variable(get) and _reads_the_variable(node):
+            # It overrides get_store but not getStore: Node's name calls the
             # override, as the base's getStore did in 0.2.
-            if _reads_the_variable(cls.getStore):
-                cls.getStore = _call_get_store  # type: ignore[assignment]
-        elif plain._methods_for is not None:
-            # Compiled: C methods made for this class, see _speedups.c.
-            get, node = plain._methods_for(cls)
-            cls.get_store = get
-            if _reads_the_variable(cls.getStore):
-                cls.getStore = node
+            cls.getStore = node = _call_get_store  # type: ignore[assignment]
+        if plain._methods_for is not None:
+            _place_methods(cls, plain._methods_for(cls), get, node)
 
     def _new_var(self) -> None:
         # A ContextVar made with a default answers ``get()`` with no argument.
@@ -380,6 +377,55 @@ def _compiled_class(py: type) -> type:
 
 if _paths.SPEEDUPS and not TYPE_CHECKING:
     AsyncLocalStorage = _compiled_class(AsyncLocalStorage)  # noqa: F811
+
+
+#: The C methods the compiled class's ``__init_subclass__`` put in a
+#: subclass's ``__dict__``, where the pure-Python class has nothing:
+#: ``{cls: {name: method}}``. Kept across importlib.reload, as _NAMED.
+_PLACED: "WeakKeyDictionary[type, Dict[str, Any]]" = (
+    globals().get("_PLACED") or WeakKeyDictionary())
+
+
+def _placed(klass: type, name: str) -> bool:
+    method = _PLACED.get(klass, {}).get(name)
+    return method is not None and vars(klass).get(name) is method
+
+
+def _found(mro: Tuple[type, ...], name: str) -> Any:
+    """The first *name* in the ``__dict__`` of the classes of *mro*, passing
+    over the C methods placed there (:data:`_PLACED`): what the pure-Python
+    class's lookup (or ``super()``'s) finds."""
+    for klass in mro:
+        if name in vars(klass) and not _placed(klass, name):
+            return vars(klass)[name]
+    return None
+
+
+def _place_methods(cls: type, made: Tuple[Any, Any], get: Any, node: Any) -> None:
+    """Compiled: give *cls* the C methods *made* for it (which CPython
+    specialises, see _speedups.c) where pure Python reads the variable.
+
+    A method placed in a class above would read the variable where pure
+    Python finds nothing and goes on along the MRO: to an override, directly
+    or through ``super()`` (``class Mine(Library, Logging)``, Logging
+    overriding get_store, Library not). Such a method is taken away from its
+    class, whose instances then read through an ancestor's (at the plain
+    class's cost, the same stores).
+    """
+    mro = cls.__mro__
+    for name in ("get_store", "getStore"):
+        for i in range(1, len(mro)):
+            if _placed(mro[i], name) and not _reads_the_variable(_found(mro[i + 1:], name)):
+                delattr(mro[i], name)
+                del _PLACED[mro[i]][name]
+    placed = {}
+    for name, value, method in (("get_store", get, made[0]), ("getStore", node, made[1])):
+        if _reads_the_variable(value):
+            if name not in vars(cls):  # else a slot or an explicit get_store = ...
+                placed[name] = method
+            setattr(cls, name, method)
+    if placed:
+        _PLACED[cls] = placed
 
 
 def _reads_the_variable(attr: Any) -> bool:

@@ -479,3 +479,93 @@ def test_each_subclass_gets_c_methods_made_for_it() -> None:
         _speedups.storage_methods(int)
     with pytest.raises(TypeError, match="must be a type"):
         _speedups.storage_methods(Plain(name="x"))
+
+
+def _read_both_names(classes: list[Any]) -> list[Any]:
+    """What ``x.get_store()`` and ``x.getStore()`` give in a run, per class."""
+    seen = []
+    for cls in classes:
+        storage = cls(name="mro")
+        seen.append((storage.run("S", storage.get_store), storage.run("S", storage.getStore)))
+    return seen
+
+
+def _cooperative(base: Any) -> list[Any]:
+    class Library(base):  # type: ignore[misc,valid-type]  # a plain subclass (helpers only)
+        def helper(self) -> str:
+            return "helper"
+
+    class Logging(base):  # type: ignore[misc,valid-type]
+        def get_store(self) -> Any:
+            return ("logging", super().get_store())
+
+    class Tracing(base):  # type: ignore[misc,valid-type]
+        def get_store(self) -> Any:
+            return ("tracing", super().get_store())
+
+    class Node(base):  # type: ignore[misc,valid-type]
+        def getStore(self) -> Any:  # noqa: N802 - Node's name
+            return ("node", self.get_store())
+
+    class Mine(Library, Logging):
+        pass
+
+    class Chain(Logging, Library, Tracing):  # super() goes Logging -> Tracing
+        pass
+
+    class Ported(Library, Node):
+        pass
+
+    return [Library, Logging, Mine, Chain, Ported, type("Below", (Chain,), {})]
+
+
+def test_subclasses_combined_read_through_the_same_overrides() -> None:
+    """A class made of a plain subclass and subclasses that override
+    get_store or getStore (mixins, cooperative super() chains) reads through
+    the same overrides on the compiled class as in pure Python: the C method
+    made for the plain subclass must not hide the others' overrides."""
+    from asl_gevent import _storage
+
+    expected = [("S", "S"), (("logging", "S"),) * 2, (("logging", "S"),) * 2,
+                (("logging", ("tracing", "S")),) * 2, ("S", ("node", "S")),
+                (("logging", ("tracing", "S")),) * 2]
+    assert _read_both_names(_cooperative(_storage.PyAsyncLocalStorage)) == expected
+    assert _read_both_names(_cooperative(asl_gevent.AsyncLocalStorage)) == expected
+
+
+def _hierarchy(base: Any, shape: list[tuple[str, list[int]]]) -> list[Any]:
+    """Classes made on *base* as *shape* says: (kind, indexes of the bases
+    among base (0) and the classes made before)."""
+    classes = [base]
+    for i, (kind, parents) in enumerate(shape):
+        body = {
+            "plain": "    pass\n",
+            "get": "    def get_store(self):\n        return (%(i)d, super().get_store())\n",
+            "node": "    def getStore(self):\n        return (-%(i)d, super().getStore())\n",
+            "restore": "    get_store = base.__dict__['get_store']\n",
+        }[kind] % {"i": i + 1}
+        namespace = {"bases": tuple(classes[p] for p in parents), "base": base}
+        try:
+            exec(f"class C(*bases):\n{body}", namespace)  # noqa: S102 - the test's own code
+        except TypeError:  # no consistent MRO: the same on both classes
+            namespace["C"] = None
+        classes.append(namespace["C"])
+    return [cls for cls in classes[1:] if cls is not None]
+
+
+def test_random_hierarchies_read_alike() -> None:
+    """200 random hierarchies (diamonds, overrides of either name, plain
+    subclasses between them, get_store put back): every class reads the same
+    through both names on the compiled class as on the pure-Python one."""
+    import random
+
+    from asl_gevent import _storage
+
+    rng = random.Random(17)
+    for _ in range(200):
+        shape = []
+        for i in range(rng.randint(2, 6)):
+            parents = rng.sample(range(i + 1), rng.randint(1, min(3, i + 1)))
+            shape.append((rng.choice(["plain", "get", "node", "restore"]), parents))
+        pure = _read_both_names(_hierarchy(_storage.PyAsyncLocalStorage, shape))
+        assert _read_both_names(_hierarchy(asl_gevent.AsyncLocalStorage, shape)) == pure, shape
