@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar, copy_context
 from types import CoroutineType, MemberDescriptorType, MethodDescriptorType
-from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Dict, Generic, List, Optional,
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Generic, List, Optional, Set,
                     Tuple, TypeVar)
 from weakref import WeakKeyDictionary, WeakSet
 
@@ -379,16 +379,17 @@ if _paths.SPEEDUPS and not TYPE_CHECKING:
     AsyncLocalStorage = _compiled_class(AsyncLocalStorage)  # noqa: F811
 
 
-#: The C methods the compiled class's ``__init_subclass__`` put in a
-#: subclass's ``__dict__``, where the pure-Python class has nothing:
-#: ``{cls: {name: method}}``. Kept across importlib.reload, as _NAMED.
-_PLACED: "WeakKeyDictionary[type, Dict[str, Any]]" = (
-    globals().get("_PLACED") or WeakKeyDictionary())
+#: The names of the C methods the compiled class's ``__init_subclass__`` put
+#: in a subclass's ``__dict__``, where the pure-Python class has nothing:
+#: ``{cls: {names}}``. Names only: a method holds its class, which a value
+#: here would keep alive. Kept across importlib.reload, as _NAMED.
+_PLACED: "WeakKeyDictionary[type, Set[str]]" = globals().get("_PLACED") or WeakKeyDictionary()
 
 
 def _placed(klass: type, name: str) -> bool:
-    method = _PLACED.get(klass, {}).get(name)
-    return method is not None and vars(klass).get(name) is method
+    method = vars(klass).get(name)
+    return name in _PLACED.get(klass, ()) and type(method) is MethodDescriptorType \
+        and method.__objclass__ is klass
 
 
 def _found(mro: Tuple[type, ...], name: str) -> Any:
@@ -417,12 +418,12 @@ def _place_methods(cls: type, made: Tuple[Any, Any], get: Any, node: Any) -> Non
         for i in range(1, len(mro)):
             if _placed(mro[i], name) and not _reads_the_variable(_found(mro[i + 1:], name)):
                 delattr(mro[i], name)
-                del _PLACED[mro[i]][name]
-    placed = {}
+                _PLACED[mro[i]].discard(name)
+    placed = set()
     for name, value, method in (("get_store", get, made[0]), ("getStore", node, made[1])):
         if _reads_the_variable(value):
             if name not in vars(cls):  # else a slot or an explicit get_store = ...
-                placed[name] = method
+                placed.add(name)
             setattr(cls, name, method)
     if placed:
         _PLACED[cls] = placed
