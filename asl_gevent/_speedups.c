@@ -583,12 +583,15 @@ static PyObject *storage_docs[2];
 static PyMemberDef storage_members[] = {
     {"_var", T_OBJECT_EX, offsetof(StorageObject, var), 0, NULL},
     {"_name", T_OBJECT_EX, offsetof(StorageObject, name), 0, NULL},
-    {"_default", T_OBJECT, offsetof(StorageObject, dflt), 0, NULL},
+    {"_default", T_OBJECT_EX, offsetof(StorageObject, dflt), 0, NULL},
     {"__orig_class__", T_OBJECT_EX, offsetof(StorageObject, orig_class), 0, NULL},
 #if PY_VERSION_HEX < 0x030C0000
     {"__dictoffset__", T_PYSSIZET, offsetof(StorageObject, dict), READONLY, NULL},
 #endif
     {"__weaklistoffset__", T_PYSSIZET, offsetof(StorageObject, weakreflist), READONLY, NULL},
+    /* What a Python class with weak references has (as the pure one). */
+    {"__weakref__", T_OBJECT, offsetof(StorageObject, weakreflist), READONLY,
+     "list of weak references to the object"},
     {NULL}
 };
 

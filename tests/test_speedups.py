@@ -351,7 +351,9 @@ def test_storage_class_matches_what_runs() -> None:
     if asl_gevent.SPEEDUPS:
         assert cls is not _storage.PyAsyncLocalStorage
         assert (kind, type(vars(cls)["getStore"]).__name__) == ("method_descriptor",) * 2
-        assert "__slots__" not in vars(cls)
+        # __slots__ says the C type's slots (copyreg reads it): not get_store.
+        assert vars(cls)["__slots__"] == (
+            "_name", "_default", "_var", "__orig_class__", "__dict__", "__weakref__")
     else:
         assert cls is _storage.PyAsyncLocalStorage
         assert kind == "member_descriptor"
@@ -569,6 +571,54 @@ def test_random_hierarchies_read_alike() -> None:
             shape.append((rng.choice(["plain", "get", "node", "restore"]), parents))
         pure = _read_both_names(_hierarchy(_storage.PyAsyncLocalStorage, shape))
         assert _read_both_names(_hierarchy(asl_gevent.AsyncLocalStorage, shape)) == pure, shape
+
+
+def _copies(cls: Any) -> list[Any]:
+    """What copy.copy of storages keeps, and what deepcopy says."""
+    import copy
+
+    class Sub(cls):  # type: ignore[misc,valid-type]
+        __slots__ = ("extra",)
+
+    typed = cls[str](name="typed", default="d")
+    sub = Sub(name="sub")
+    sub.extra, sub.attr = 1, 2
+    seen: list[Any] = []
+    for storage in (typed, sub):
+        twin = copy.copy(storage)
+        seen.append((type(twin).__name__, twin.name, twin.default, vars(twin),
+                     getattr(twin, "extra", None), getattr(twin, "__orig_class__", None),
+                     storage.run("s", twin.get_store), twin.run("t", storage.getStore)))
+        twin.disable()  # a new variable for the copy only
+        seen.append(storage.run("u", lambda: (storage.get_store(), twin.get_store())))
+        with pytest.raises(TypeError, match="cannot pickle '_contextvars.ContextVar' object"):
+            copy.deepcopy(storage)
+    return seen
+
+
+@pytest.mark.parametrize("cls", _classes())
+def test_storage_classes_copy_alike(cls: Any) -> None:
+    """copy.copy(als) gives a storage sharing the variable (it reads the same
+    stores until either is disabled) on both classes; deepcopy refuses the
+    variable on both. The C type refused copy.copy (and deepcopy and pickle
+    said the type, not the variable): copyreg did not know its slots."""
+    assert _copies(cls) == [
+        ("AsyncLocalStorage", "typed", "d", {}, None, cls[str], "s", "t"), ("u", "d"),
+        ("Sub", "sub", None, {"attr": 2}, 1, None, "s", "t"), ("u", None)]
+
+
+@pytest.mark.parametrize("cls", _classes())
+def test_storage_classes_refuse_the_same_unset_attributes(cls: Any) -> None:
+    """On an instance whose __init__ did not run, ``default`` raises
+    AttributeError on both classes (the C type said None); ``__weakref__``
+    is there on both."""
+    bare = cls.__new__(cls)
+    with pytest.raises(AttributeError, match="_default"):
+        bare.default
+    storage = cls(name="weak")
+    assert "__weakref__" in dir(storage)
+    ref = weakref.ref(storage)
+    assert storage.__weakref__ is ref or ref in weakref.getweakrefs(storage)
 
 
 @pytest.mark.parametrize("cls", _classes())
