@@ -666,6 +666,23 @@ storage_type(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         "storage_type(bases: tuple, get_store_doc: str, getStore_doc: str)");
         return NULL;
     }
+    /* The instance layout is StorageObject's from the header on: a base
+     * with fields of its own (int, dict, BaseException, a storage type...)
+     * would have them overwritten, and CPython does not always refuse. */
+    Py_ssize_t nbases = PyTuple_GET_SIZE(args[0]);
+    int fit = nbases > 0;
+    for (Py_ssize_t i = 0; fit && i < nbases; i++) {
+        PyTypeObject *base = (PyTypeObject *)PyTuple_GET_ITEM(args[0], i);
+        fit = PyType_Check(base) && base->tp_basicsize == sizeof(PyObject)
+              && base->tp_itemsize == 0 && base->tp_dictoffset == 0
+              && base->tp_weaklistoffset == 0;
+    }
+    if (!fit) {
+        PyErr_Format(PyExc_TypeError,
+                     "storage_type() bases must be classes that add no instance fields "
+                     "(typing.Generic), not %R", args[0]);
+        return NULL;
+    }
     for (int i = 0; i < 2; i++) {
         if (storage_docs[i] == NULL) {  /* the first call's (a reload's are the same) */
             const char *text = PyUnicode_AsUTF8(args[1 + i]);

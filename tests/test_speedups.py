@@ -633,3 +633,26 @@ def test_subclasses_made_at_run_time_are_collected(cls: Any) -> None:
     del made
     gc.collect()
     assert [ref() for ref in refs if ref() is not None] == []
+
+
+
+@needs_build
+@pytest.mark.parametrize("bases", ["()", "(int,)", "(str,)", "(dict,)", "(BaseException,)",
+                                   "(type,)", "(1,)", "(type('WithDict', (), {}),)"])
+def test_storage_type_refuses_bases_with_fields(bases: str) -> None:
+    """_speedups.storage_type() lays StorageObject over its bases' instance
+    fields: a base with any (int, dict, BaseException...) crashed the
+    interpreter when an instance was made; no base was a SystemError."""
+    proc = run_python(f"""
+from asl_gevent import _speedups
+try:
+    cls = _speedups.storage_type({bases}, "get", "getStore")
+except TypeError as exc:
+    print("refused:", exc)
+else:
+    obj = cls.__new__(cls) if cls.__base__ is object else cls.__new__(cls, 5)
+    obj._var = None
+    print("made", cls.__mro__)
+""")
+    assert proc.stdout.startswith("refused: storage_type() bases must be classes that add no "
+                                  "instance fields (typing.Generic), not "), proc.stdout
