@@ -656,3 +656,25 @@ else:
 """)
     assert proc.stdout.startswith("refused: storage_type() bases must be classes that add no "
                                   "instance fields (typing.Generic), not "), proc.stdout
+
+
+@pytest.mark.parametrize("cls", _classes())
+def test_patching_get_store_on_a_storage_or_its_class(cls: Any) -> None:
+    """mock.patch.object on a storage, or on its own class, reads the mock
+    and then the store again on both classes. On the base class, the patch
+    reaches a subclass's instances in pure Python only: the compiled
+    subclass has C methods of its own (docs/performance.rst)."""
+    from unittest import mock
+
+    class Requests(cls):  # type: ignore[misc,valid-type]
+        pass
+
+    seen = []
+    for storage in (cls(name="plain"), Requests(name="sub")):
+        for target in (storage, type(storage), cls):
+            with mock.patch.object(target, "get_store", return_value="mocked"):
+                seen.append(storage.get_store())
+            seen.append(storage.run("s", storage.get_store))
+    compiled = asl_gevent.SPEEDUPS and cls is asl_gevent.AsyncLocalStorage
+    # The subclass's storage, the base class patched: outside a run, no store.
+    assert seen == ["mocked", "s"] * 5 + [None if compiled else "mocked", "s"]
