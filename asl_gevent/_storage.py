@@ -418,12 +418,16 @@ def _place_methods(cls: type, made: Tuple[Any, Any], get: Any, node: Any) -> Non
     class, whose instances then read through an ancestor's (at the plain
     class's cost, the same stores).
     """
-    mro = cls.__mro__
     for name in ("get_store", "getStore"):
-        for i in range(1, len(mro)):
-            if _placed(mro[i], name) and not _reads_the_variable(_found(mro[i + 1:], name)):
-                delattr(mro[i], name)
-                _PLACED[mro[i]].discard(name)
+        after = None  # the first entry pure Python finds after klass (walking back)
+        for klass in reversed(cls.__mro__[1:]):
+            if name not in vars(klass):
+                continue
+            if not _placed(klass, name):
+                after = vars(klass)[name]
+            elif not _reads_the_variable(after):
+                delattr(klass, name)
+                _PLACED[klass].discard(name)
     placed = set()
     for name, value, method in (("get_store", get, made[0]), ("getStore", node, made[1])):
         if _reads_the_variable(value):

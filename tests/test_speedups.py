@@ -545,6 +545,8 @@ def _hierarchy(base: Any, shape: list[tuple[str, list[int]]]) -> list[Any]:
             "get": "    def get_store(self):\n        return (%(i)d, super().get_store())\n",
             "node": "    def getStore(self):\n        return (-%(i)d, super().getStore())\n",
             "restore": "    get_store = base.__dict__['get_store']\n",
+            "restore_node": "    getStore = base.__dict__['getStore']\n",
+            "slots": "    __slots__ = ()\n",
         }[kind] % {"i": i + 1}
         namespace = {"bases": tuple(classes[p] for p in parents), "base": base}
         try:
@@ -557,8 +559,9 @@ def _hierarchy(base: Any, shape: list[tuple[str, list[int]]]) -> list[Any]:
 
 def test_random_hierarchies_read_alike() -> None:
     """200 random hierarchies (diamonds, overrides of either name, plain
-    subclasses between them, get_store put back): every class reads the same
-    through both names on the compiled class as on the pure-Python one."""
+    subclasses between them, get_store or getStore put back, empty
+    __slots__): every class reads the same through both names on the
+    compiled class as on the pure-Python one."""
     import random
 
     from asl_gevent import _storage
@@ -568,7 +571,8 @@ def test_random_hierarchies_read_alike() -> None:
         shape = []
         for i in range(rng.randint(2, 6)):
             parents = rng.sample(range(i + 1), rng.randint(1, min(3, i + 1)))
-            shape.append((rng.choice(["plain", "get", "node", "restore"]), parents))
+            kind = rng.choice(["plain", "get", "node", "restore", "restore_node", "slots"])
+            shape.append((kind, parents))
         pure = _read_both_names(_hierarchy(_storage.PyAsyncLocalStorage, shape))
         assert _read_both_names(_hierarchy(asl_gevent.AsyncLocalStorage, shape)) == pure, shape
 
