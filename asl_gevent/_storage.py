@@ -373,8 +373,9 @@ def _compiled_class(py: type) -> type:
     # The slots the C type has, as ``__slots__`` says them for copyreg (what
     # copy.copy and pickle save): without, copy.copy(als) refused the type,
     # which pure Python copies (sharing the variable).
+    slots = py.__slots__  # type: ignore[attr-defined]
     cls.__slots__ = tuple(  # type: ignore[attr-defined]
-        name for name in py.__slots__ if name not in ("get_store", "getStore"))  # type: ignore[attr-defined]
+        name for name in slots if name not in ("get_store", "getStore"))
     cls._plain = cls  # type: ignore[attr-defined]
     cls._methods_for = staticmethod(_speedups.storage_methods)  # type: ignore[attr-defined]
     return cls
