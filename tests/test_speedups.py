@@ -682,3 +682,27 @@ def test_patching_get_store_on_a_storage_or_its_class(cls: Any) -> None:
     compiled = asl_gevent.SPEEDUPS and cls is asl_gevent.AsyncLocalStorage
     # The subclass's storage, the base class patched: outside a run, no store.
     assert seen == ["mocked", "s"] * 5 + [None if compiled else "mocked", "s"]
+
+
+@pytest.mark.parametrize("link", ["default", "__orig_class__"])
+def test_a_long_chain_of_storages_is_freed(link: str) -> None:
+    """300,000 storages, each the default (or __orig_class__) of the next:
+    dropping the last frees them all, on both classes. The C type's dealloc
+    had no trashcan: a C stack frame per link, and the interpreter crashed."""
+    proc = run_python(f"""
+import asl_gevent
+from asl_gevent import _storage
+for cls in (_storage.PyAsyncLocalStorage, asl_gevent.AsyncLocalStorage):
+    last = None
+    for i in range(300_000):  # the plain class: a subclass's dealloc has a trashcan
+        if {link!r} == "default":
+            last = cls(default=last)
+        else:
+            storage = cls()
+            storage.__orig_class__ = last
+            last = storage
+    storage = None
+    del last
+print("freed")
+""")
+    assert proc.stdout.strip() == "freed"
