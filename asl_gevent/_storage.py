@@ -252,6 +252,10 @@ class AsyncLocalStorage(Generic[T]):
             get = var.get
             slots["get_store"].__set__(self, get)
             slots["getStore"].__set__(self, get)
+        elif getattr(type(self), "_var") is not slots["_var"]:
+            # Compiled, a subclass with a _var of its own (``__slots__ =
+            # ("_var",)``): the C methods read the class's.
+            slots["_var"].__set__(self, var)
 
     @property
     def name(self) -> str:

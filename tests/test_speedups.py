@@ -706,3 +706,18 @@ for cls in (_storage.PyAsyncLocalStorage, asl_gevent.AsyncLocalStorage):
 print("freed")
 """)
     assert proc.stdout.strip() == "freed"
+
+
+@pytest.mark.parametrize("cls", _classes())
+def test_a_subclass_with_its_own_var_slot_reads_alike(cls: Any) -> None:
+    """A subclass that lists _var in its __slots__ again (as subclasses
+    copying their base's slots do) reads its stores on both classes: the
+    compiled get_store read the base's _var slot, which stayed empty."""
+    class Again(cls):  # type: ignore[misc,valid-type]
+        __slots__ = ("_var",)
+
+    storage = Again(name="again")
+    assert storage.run("s", storage.get_store) == storage.run("s", storage.getStore) == "s"
+    storage.enter_with("kept")
+    storage.disable()
+    assert (storage.get_store(), storage.run("t", storage.getStore)) == (None, "t")
