@@ -508,17 +508,17 @@ typedef struct {
 #  define CLEAR_MANAGED_DICT _PyObject_ClearManagedDict
 #endif
 
-/* get_store(): the storage's ContextVar.get(). */
-static PyObject *
-storage_get_store(StorageObject *self, PyObject *Py_UNUSED(ignored))
+/* get_store() and getStore(): the storage's ContextVar.get(). */
+static inline PyObject *
+storage_read(StorageObject *self, const char *name)
 {
     PyObject *value;
     if (self->var == NULL) {
         /* As the pure-Python class, whose get_store slot is then empty. */
         PyErr_Format(PyExc_AttributeError,
-                     "'%.200s' object has no attribute 'get_store' (its "
+                     "'%.200s' object has no attribute '%s' (its "
                      "__init__ did not run: call super().__init__())",
-                     Py_TYPE(self)->tp_name);
+                     Py_TYPE(self)->tp_name, name);
         return NULL;
     }
     if (PyContextVar_Get(self->var, NULL, &value) < 0)
@@ -526,6 +526,18 @@ storage_get_store(StorageObject *self, PyObject *Py_UNUSED(ignored))
     if (value == NULL)  /* not reached: the variable has a default */
         Py_RETURN_NONE;
     return value;
+}
+
+static PyObject *
+storage_get_store(StorageObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return storage_read(self, "get_store");
+}
+
+static PyObject *
+storage_getStore(StorageObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return storage_read(self, "getStore");
 }
 
 static int
@@ -580,7 +592,7 @@ storage_dealloc(StorageObject *self)
  * classes document get_store with one text; kept alive for good. */
 static PyMethodDef storage_methods[] = {
     {"get_store", (PyCFunction)storage_get_store, METH_NOARGS, NULL},
-    {"getStore", (PyCFunction)storage_get_store, METH_NOARGS, NULL},
+    {"getStore", (PyCFunction)storage_getStore, METH_NOARGS, NULL},
     {NULL}
 };
 static PyObject *storage_docs[2];
@@ -601,7 +613,8 @@ static PyMemberDef storage_members[] = {
 };
 
 static PyGetSetDef storage_getset[] = {
-    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict,
+     "dictionary for instance variables", NULL},
     {NULL}
 };
 

@@ -613,12 +613,16 @@ def test_storage_classes_copy_alike(cls: Any) -> None:
 
 @pytest.mark.parametrize("cls", _classes())
 def test_storage_classes_refuse_the_same_unset_attributes(cls: Any) -> None:
-    """On an instance whose __init__ did not run, ``default`` raises
-    AttributeError on both classes (the C type said None); ``__weakref__``
-    is there on both."""
+    """On an instance whose __init__ did not run, ``default``, get_store()
+    and getStore() raise AttributeError naming the attribute on both classes
+    (the C type said None, and get_store for both); ``__weakref__`` is there
+    on both."""
     bare = cls.__new__(cls)
     with pytest.raises(AttributeError, match="_default"):
         bare.default
+    for name in ("get_store", "getStore"):  # the C type said get_store for both
+        with pytest.raises(AttributeError, match=f"no attribute '{name}'"):
+            getattr(bare, name)()
     storage = cls(name="weak")
     assert "__weakref__" in dir(storage)
     ref = weakref.ref(storage)
