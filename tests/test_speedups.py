@@ -643,7 +643,6 @@ def test_subclasses_made_at_run_time_are_collected(cls: Any) -> None:
     assert [ref() for ref in refs if ref() is not None] == []
 
 
-
 @needs_build
 @pytest.mark.parametrize("bases", ["()", "(int,)", "(str,)", "(dict,)", "(BaseException,)",
                                    "(type,)", "(1,)", "(type('WithDict', (), {}),)"])
