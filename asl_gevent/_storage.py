@@ -421,7 +421,7 @@ def _place_methods(cls: type, made: Tuple[Any, Any], get: Any, node: Any) -> Non
     or through ``super()`` (``class Mine(Library, Logging)``, Logging
     overriding get_store, Library not). Such a method is taken away from its
     class, whose instances then read the same stores through an ancestor's,
-    which CPython does not specialise for them (slower, as in pure Python).
+    which CPython does not specialise for them.
     """
     for name in ("get_store", "getStore"):
         after = None  # the first entry pure Python finds after klass (walking back)
