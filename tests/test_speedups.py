@@ -687,6 +687,22 @@ def test_patching_get_store_on_a_storage_or_its_class(cls: Any) -> None:
     assert seen == ["mocked", "s"] * 5 + [None if compiled else "mocked", "s"]
 
 
+@pytest.mark.parametrize("cls", _classes())
+@pytest.mark.parametrize("name", ["get_store", "getStore"])
+def test_a_storage_made_while_its_class_is_patched_reads_its_stores(cls: Any, name: str) -> None:
+    """A storage made while a test has get_store (or getStore) patched on its
+    class reads through the patch meanwhile and reads its stores after it, on
+    both classes. Pure Python took the slots from the class ``__dict__`` at
+    construction, and the patched one made the storage unreadable for good."""
+    from unittest import mock
+
+    with mock.patch.object(cls, name, return_value="mocked"):
+        made = cls(name="made-while-patched")
+        assert getattr(made, name)() == "mocked"
+    assert made.run("s", made.get_store) == made.run("s", made.getStore) == "s"
+    assert made.get_store() is None and made.getStore() is None
+
+
 @pytest.mark.parametrize("link", ["default", "__orig_class__"])
 def test_a_long_chain_of_storages_is_freed(link: str) -> None:
     """300,000 storages, each the default (or __orig_class__) of the next:
