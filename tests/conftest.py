@@ -11,6 +11,7 @@ import contextvars
 from typing import Iterator
 
 import pytest
+from gevent import monkey
 
 from asl_gevent import AsyncLocalStorage, install, is_installed, uninstall
 
@@ -18,12 +19,15 @@ from asl_gevent import AsyncLocalStorage, install, is_installed, uninstall
 @pytest.fixture(autouse=True, name="hooks")
 def _hooks() -> Iterator[None]:
     """Every test starts with the hooks installed; teardown removes them,
-    even after a failure, so one test's state never reaches the next."""
+    even after a failure, so one test's state never reaches the next. And
+    no test patches this process (the rule above): one that does fails here."""
     install()
     try:
         yield
     finally:
         uninstall()
+    assert not monkey.is_anything_patched(), \
+        "monkey.patch_*() ran in the pytest process: run patched scenarios in a subprocess"
 
 
 @pytest.fixture(name="no_hooks")
