@@ -203,8 +203,6 @@ class AsyncLocalStorage(Generic[T]):
     #: This class, pure or compiled, for its methods (and a subclass's) to
     #: find it: not ``__class__``, which is the pure one in both.
     _plain: ClassVar[Any]
-    #: The compiled class's :func:`asl_gevent._speedups.storage_methods`.
-    _methods_for: ClassVar[Optional[Callable[[type], Tuple[Any, Any]]]] = None
     #: The pure class's get_store and getStore slot descriptors (None on the
     #: compiled class), kept apart from the class ``__dict__``: see _new_var.
     _slots: ClassVar[Optional[Tuple[Any, Any]]]
@@ -232,8 +230,10 @@ class AsyncLocalStorage(Generic[T]):
             # It overrides get_store but not getStore: Node's name calls the
             # override, as the base's getStore did in 0.2.
             cls.getStore = node = _call_get_store  # type: ignore[assignment]
-        if plain._methods_for is not None:
-            _place_methods(cls, plain._methods_for(cls), get, node)
+        if plain._slots is None:  # compiled: C methods made for this class
+            from . import _speedups
+
+            _place_methods(cls, _speedups.storage_methods(cls), get, node)
 
     def _new_var(self) -> None:
         # A ContextVar made with a default answers ``get()`` with no argument.
@@ -391,7 +391,6 @@ def _compiled_class(py: type) -> type:
         name for name in slots if name not in ("get_store", "getStore"))
     cls._plain = cls  # type: ignore[attr-defined]
     cls._slots = None  # type: ignore[attr-defined]
-    cls._methods_for = staticmethod(_speedups.storage_methods)  # type: ignore[attr-defined]
     return cls
 
 
